@@ -1,0 +1,150 @@
+"""The result of a calibration run: per-layer, per-unit sums over calibration tokens.
+
+One :class:`UnitStatistics` per unit kind (``"mlp"`` neurons, attention ``"heads"``); a
+:class:`Statistics` bundles them with what produced them. The same object is what the
+calibration callback produces, what a sparsity checkpoint stores and what selectors read.
+
+Every tensor is a *sum over tokens* (float64), so runs on several processes or several datasets
+combine by addition; divide by ``tokens`` (``mean``/``score``) for per-token averages.
+
+Shapes, with ``L`` layers and ``U`` units per layer (``U`` = MLP width or number of heads):
+
+===================  ========  ===============================================================
+name                 shape     sum over answer tokens of
+===================  ========  ===============================================================
+magnitude            (L, U)    ``|a|`` (head: ``||a_head||_2``)
+sq_magnitude         (L, U)    ``a^2`` (head: ``||a_head||^2``)
+gradient             (L, U)    ``g`` (head: summed over head_dim)
+sq_gradient          (L, U)    ``g^2`` (head: ``||g_head||^2``)
+gxo                  (L, U)    ``-g.a`` (the GxO keep-score)
+snip                 (L, U)    ``|g.a|``
+fisher               (L, U)    ``(g.a)^2``
+corrected_gxo        (L, U)    ``-g.a + 0.5 |a| ||g_layer||_2``
+integrated_gradients (L, U)    ``-a . mean_k g(alpha_k a)`` (only when IG ran)
+layer_grad_norm      (L,)      ``||g_layer||_2`` (norm over all units of the layer)
+===================  ========  ===============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sparse_lightning.attribution.functional import METRICS
+
+#: Per-unit sums every run accumulates (``integrated_gradients`` only when IG steps > 0).
+UNIT_SUMS = (
+    "magnitude",
+    "sq_magnitude",
+    "gradient",
+    "sq_gradient",
+    "gxo",
+    "snip",
+    "fisher",
+    "corrected_gxo",
+    "integrated_gradients",
+)
+
+
+@dataclass
+class UnitStatistics:
+    """Sums over calibration tokens for one unit kind.
+
+    Attributes:
+        kind: ``"mlp"`` or ``"heads"``.
+        tokens: number of tokens summed over.
+        sums: name (see :data:`UNIT_SUMS`) -> ``(layers, units)`` float64 tensor.
+        layer_grad_norm: ``(layers,)`` sum over tokens of the layer's gradient norm.
+
+    Example:
+        >>> import torch
+        >>> s = UnitStatistics("mlp", 2, {"gxo": torch.ones(1, 3)}, torch.ones(1))
+        >>> s.mean("gxo")
+        tensor([[0.5000, 0.5000, 0.5000]], dtype=torch.float64)
+    """
+
+    kind: str
+    tokens: int
+    sums: dict[str, Tensor]
+    layer_grad_norm: Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.layer_grad_norm.shape[0])
+
+    @property
+    def num_units(self) -> int:
+        return int(next(iter(self.sums.values())).shape[1])
+
+    def mean(self, name: str) -> Tensor:
+        """Per-token average of the sum ``name``."""
+        if name not in self.sums:
+            hint = " (run calibration with ig_steps > 0)" if name == "integrated_gradients" else ""
+            raise KeyError(f"No statistic {name!r}{hint}; available: {sorted(self.sums)}.")
+        return self.sums[name] / self.tokens
+
+    def score(self, metric: str) -> Tensor:
+        """Mean per-token keep-score of every unit under ``metric`` (one of :data:`METRICS`)."""
+        if metric not in METRICS:
+            raise ValueError(f"Unknown metric {metric!r}; expected one of {METRICS}.")
+        return self.mean(metric)
+
+
+@dataclass
+class Statistics:
+    """Calibration statistics of every unit kind, with a description of the run.
+
+    Attributes:
+        units: ``"mlp"`` and/or ``"heads"`` -> :class:`UnitStatistics`.
+        ig_steps: integration steps used for integrated gradients (0 = not computed).
+        metadata: free-form strings describing the run (targets, dataset, model).
+    """
+
+    units: dict[str, UnitStatistics]
+    ig_steps: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mlp(self) -> UnitStatistics:
+        return self["mlp"]
+
+    @property
+    def heads(self) -> UnitStatistics:
+        return self["heads"]
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.units.values())).tokens
+
+    def __getitem__(self, kind: str) -> UnitStatistics:
+        if kind not in self.units:
+            raise KeyError(f"No statistics for {kind!r}; this run measured {sorted(self.units)}.")
+        return self.units[kind]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat ``"<kind>.<name>" -> tensor`` mapping (the safetensors layout)."""
+        flat: dict[str, Tensor] = {}
+        for kind, stats in self.units.items():
+            for name, value in stats.sums.items():
+                flat[f"{kind}.{name}"] = value
+            flat[f"{kind}.layer_grad_norm"] = stats.layer_grad_norm
+            flat[f"{kind}.tokens"] = torch.tensor([stats.tokens], dtype=torch.int64)
+        return flat
+
+    @classmethod
+    def from_tensors(
+        cls, flat: dict[str, Tensor], ig_steps: int = 0, metadata: dict[str, str] | None = None
+    ) -> Statistics:
+        """Inverse of :meth:`tensors`."""
+        grouped: dict[str, dict[str, Tensor]] = {}
+        for key, value in flat.items():
+            kind, _, name = key.partition(".")
+            grouped.setdefault(kind, {})[name] = value
+        units = {}
+        for kind, named in grouped.items():
+            tokens = int(named.pop("tokens").item())
+            grad_norm = named.pop("layer_grad_norm")
+            units[kind] = UnitStatistics(kind, tokens, named, grad_norm)
+        return cls(units, ig_steps, dict(metadata or {}))

@@ -1,0 +1,195 @@
+"""``AttributionCalibration``: measure every unit's attribution during ``trainer.validate``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from sparse_lightning.architectures import UNIT_KINDS
+from sparse_lightning.attribution.functional import integration_points
+from sparse_lightning.attribution.scores import AttributionScores
+from sparse_lightning.attribution.statistics import Statistics
+from sparse_lightning.hooks import ActivationCapture, gradients_enabled
+from sparse_lightning.module import SparseActivationModule, TeacherForcedBatch
+
+
+class AttributionCalibration(Callback):
+    """Accumulate attribution statistics of MLP neurons and attention heads over a dataloader.
+
+    Attach it to a ``Trainer`` and run ``trainer.validate(module, dataloader)`` with a
+    :class:`~sparse_lightning.module.SparseActivationModule`. Each batch costs one forward
+    (the module's ``validation_step``) and one backward, which yield every layer's and every
+    unit kind's activations ``a`` and gradients ``g`` at once; integrated gradients adds
+    ``ig_steps - 1`` forward + backward passes. Works with Lightning's default
+    ``inference_mode=True`` and with ``inference_mode=False``; no weight changes and no
+    ``param.grad`` is allocated. The sanity-check loop of ``fit`` is ignored.
+
+    The statistics are torchmetrics states with sum reduction, so DDP runs add up; after
+    ``validate`` every rank holds the same :attr:`statistics`.
+
+    Args:
+        units: unit kinds to measure, ``"mlp"`` and/or ``"heads"``.
+        ig_steps: integration steps of integrated gradients (0 = skip IG; the paper's
+            scripts use 20). All captured layers are scaled together at each step.
+
+    Example:
+        >>> calibration = AttributionCalibration(ig_steps=4)
+        >>> trainer = L.Trainer(accelerator="cpu", callbacks=[calibration])  # doctest: +SKIP
+        >>> trainer.validate(module, loader)  # doctest: +SKIP
+        >>> calibration.statistics.heads.score("corrected_gxo")  # doctest: +SKIP
+    """
+
+    def __init__(self, units: Sequence[str] = UNIT_KINDS, ig_steps: int = 0) -> None:
+        super().__init__()
+        if not units or set(units) - set(UNIT_KINDS):
+            raise ValueError(f"units must be a non-empty subset of {UNIT_KINDS}, got {units}.")
+        if ig_steps < 0:
+            raise ValueError(f"ig_steps must be >= 0 (0 disables IG), got {ig_steps}.")
+        self.units = tuple(k for k in UNIT_KINDS if k in units)
+        self.ig_steps = ig_steps
+        self.scores: dict[str, AttributionScores] = {}
+        self._statistics: Statistics | None = None
+        self._capture: ActivationCapture | None = None
+        self._batches = 0
+
+    @property
+    def statistics(self) -> Statistics:
+        """The result of the last run (see :mod:`sparse_lightning.attribution.statistics`)."""
+        if self._statistics is None:
+            raise RuntimeError(
+                "No calibration has finished yet: run trainer.validate(module, dataloader) with "
+                "this callback and a non-empty dataloader first."
+            )
+        return self._statistics
+
+    # --------------------------------------------------------------------- override points
+    def attribute(
+        self, module: SparseActivationModule, loss_sum: Tensor, batch: TeacherForcedBatch
+    ) -> None:
+        """Add one batch: gradients of ``loss_sum`` w.r.t. the captured units, then IG passes."""
+        capture = self._require_capture()
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"The answer loss is {loss_sum.item()} (not finite), so attributions would be "
+                "NaN. Check the model's weights and dtype (float16 overflows; use float32 or "
+                "bfloat16) and that the batch's token ids are within the vocabulary."
+            )
+        mask = batch.predict_mask
+        with gradients_enabled():
+            grads = torch.autograd.grad(loss_sum, capture.tensors())
+            acts = [t.detach() for t in capture.tensors()]
+            capture.clear()  # frees the graph before the IG passes build theirs
+            path_mean = self._mean_path_gradient(module, batch, grads) if self.ig_steps else None
+        offset = 0
+        for kind in self.units:
+            layers = slice(offset, offset + len(capture.captured[kind]))
+            a_k = capture.unit_view(kind, acts[layers])
+            g_k = capture.unit_view(kind, grads[layers])
+            ig_k = capture.unit_view(kind, path_mean[layers]) if path_mean else [None] * len(a_k)
+            for layer, (a, g, ig) in enumerate(zip(a_k, g_k, ig_k, strict=True)):
+                self.scores[kind].update(layer, a[mask], g[mask], None if ig is None else ig[mask])
+            offset = layers.stop
+
+    # ------------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, SparseActivationModule):
+            raise TypeError(
+                "AttributionCalibration needs a sparse_lightning.SparseActivationModule, got "
+                f"{type(pl_module).__name__}; wrap your model: SparseActivationModule(model)."
+            )
+        arch = pl_module.architecture
+        self.scores = {
+            kind: AttributionScores(
+                kind, arch.num_layers, arch.units(kind), integrated_gradients=self.ig_steps > 0
+            ).to(pl_module.device)
+            for kind in self.units
+        }
+        self._batches = 0
+        self._statistics = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for scores in self.scores.values():
+            scores.to(pl_module.device).reset()
+        self._batches = 0
+        self._capture = ActivationCapture(pl_module.architecture, self.units).__enter__()
+        pl_module.activation_capture = self._capture
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        self.attribute(pl_module, outputs["loss_sum"], outputs["batch"])
+        self._batches += 1
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # compute() is collective under DDP: every rank calls it and gets the global sums.
+        units = {kind: scores.compute() for kind, scores in self.scores.items()}
+        self._statistics = Statistics(
+            units,
+            ig_steps=self.ig_steps,
+            metadata={
+                "targets": pl_module.targets,
+                "fingerprint": pl_module.architecture.fingerprint.to_json(),
+                "batches_rank0": str(self._batches),
+            },
+        )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._detach(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._detach(pl_module)
+        if stage == "validate" and self._statistics is None and self._batches == 0:
+            raise ValueError(
+                "AttributionCalibration saw no batch: the validation dataloader is empty. "
+                "Pass a dataloader with at least one batch (check the dataset split and "
+                "limit_val_batches)."
+            )
+
+    # ----------------------------------------------------------------------------- helpers
+    def _mean_path_gradient(
+        self,
+        module: SparseActivationModule,
+        batch: TeacherForcedBatch,
+        dense_grads: Sequence[Tensor],
+    ) -> list[Tensor]:
+        # The last integration point is alpha = 1, whose gradients are the dense ones.
+        capture = self._require_capture()
+        total = list(dense_grads)
+        for alpha in integration_points(self.ig_steps)[:-1].tolist():
+            with capture.record(scale=alpha):
+                loss = module.answer_loss(batch)
+            total = [
+                t + g
+                for t, g in zip(total, torch.autograd.grad(loss, capture.tensors()), strict=True)
+            ]
+            capture.clear()
+        return [t / self.ig_steps for t in total]
+
+    def _require_capture(self) -> ActivationCapture:
+        if self._capture is None:
+            raise RuntimeError("attribute() runs only inside trainer.validate with this callback.")
+        return self._capture
+
+    def _detach(self, pl_module: L.LightningModule) -> None:
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        if isinstance(pl_module, SparseActivationModule):
+            pl_module.activation_capture = None

@@ -1,0 +1,128 @@
+"""QA data: loading questions, formatting prompts, collating token ids into batches.
+
+A batch is a dict of tensors:
+
+* ``prompt_input_ids``, ``prompt_attention_mask``: ``(B, P)``, left-padded (ready for
+  batched ``generate``);
+* ``answer_input_ids``, ``answer_attention_mask``: ``(B, A)``, right-padded reference answers
+  (used when the module's targets are ``"reference"``).
+
+Example:
+    >>> batch = collate_token_ids([([5, 6], [7]), ([8], [9, 10])], pad_token_id=0)
+    >>> batch["prompt_input_ids"].tolist(), batch["answer_input_ids"].tolist()
+    ([[5, 6], [0, 8]], [[7, 0], [9, 10]])
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+#: The paper's prompt, used when the tokenizer has no chat template.
+PAPER_PROMPT = "Instruct: {question}\nOutput:"
+
+#: Default location of the shared TruthfulQA CSV, relative to a checkout of this project.
+SHARED_TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
+
+
+def load_truthfulqa(
+    path: str | os.PathLike[str] = SHARED_TRUTHFULQA, rows: Sequence[int] | None = None
+) -> list[dict[str, str]]:
+    """Questions and best answers of the TruthfulQA CSV (columns Question, Best Answer).
+
+    Args:
+        path: the CSV file.
+        rows: row indices to keep, in order (``range(0, 100)``: the paper's evaluation set).
+
+    Returns:
+        ``[{"question": ..., "answer": ...}, ...]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"TruthfulQA CSV not found at {path}. Pass the path of TruthfulQA.csv "
+            "(columns Question, Best Answer), e.g. ../shared/data/TruthfulQA.csv."
+        )
+    with path.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    missing = {"Question", "Best Answer"} - set(table[0] if table else ())
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {sorted(missing)} of TruthfulQA.")
+    chosen = table if rows is None else [table[i] for i in rows]
+    return [{"question": r["Question"], "answer": r["Best Answer"]} for r in chosen]
+
+
+def collate_token_ids(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Pad ``(prompt_ids, answer_ids)`` pairs into a batch (prompts left, answers right)."""
+    prompts = [torch.as_tensor(p, dtype=torch.long) for p, _ in pairs]
+    answers = [torch.as_tensor(a, dtype=torch.long) for _, a in pairs]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("A prompt has no tokens; every example needs a non-empty question.")
+    batch = {}
+    for name, seqs, side in (("prompt", prompts, "left"), ("answer", answers, "right")):
+        ids = pad_sequence(seqs, batch_first=True, padding_value=pad_token_id, padding_side=side)
+        ones = [torch.ones(len(s), dtype=torch.long) for s in seqs]
+        mask = pad_sequence(ones, batch_first=True, padding_value=0, padding_side=side)
+        batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = ids, mask
+    return batch
+
+
+class QACollator:
+    """Tokenize ``{"question", "answer"}`` examples into a batch for the module.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt_format: ``"auto"`` (the chat template when the tokenizer has one, else
+            :data:`PAPER_PROMPT`), ``"chat"``, or a format string with ``{question}``.
+        max_answer_tokens: reference answers are cut to this many tokens (EOS included).
+
+    Example:
+        >>> collate = QACollator(tokenizer)  # doctest: +SKIP
+        >>> loader = DataLoader(load_truthfulqa(rows=range(8)), batch_size=4, collate_fn=collate)
+    """
+
+    def __init__(self, tokenizer: Any, prompt_format: str = "auto", max_answer_tokens: int = 64):
+        self.tokenizer = tokenizer
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if prompt_format == "auto":
+            prompt_format = "chat" if has_template else PAPER_PROMPT
+        if prompt_format == "chat" and not has_template:
+            raise ValueError("prompt_format='chat' but the tokenizer has no chat template.")
+        if prompt_format != "chat" and "{question}" not in prompt_format:
+            raise ValueError(f"prompt_format must contain '{{question}}', got {prompt_format!r}.")
+        self.prompt_format = prompt_format
+        self.max_answer_tokens = max_answer_tokens
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = tokenizer.eos_token_id if pad is None else pad
+
+    def format_prompt(self, question: str) -> str:
+        """The prompt text for one question."""
+        if self.prompt_format == "chat":
+            messages = [{"role": "user", "content": question}]
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        return self.prompt_format.format(question=question)
+
+    def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
+        chat = self.prompt_format == "chat"
+        pairs = []
+        for example in examples:
+            prompt = self.tokenizer(
+                self.format_prompt(example["question"]), add_special_tokens=not chat
+            )["input_ids"]
+            answer_text = example.get("answer") or ""
+            # After "Output:" the model writes a space first; after a chat header it does not.
+            answer_text = answer_text if chat or not answer_text else " " + answer_text
+            answer = self.tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+            answer = [*answer[: self.max_answer_tokens - 1], self.tokenizer.eos_token_id]
+            pairs.append((prompt, answer))
+        return collate_token_ids(pairs, self.pad_token_id)
