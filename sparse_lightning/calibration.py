@@ -79,7 +79,7 @@ class AttributionCalibration(Callback):
                 "NaN. Check the model's weights and dtype (float16 overflows; use float32 or "
                 "bfloat16) and that the batch's token ids are within the vocabulary."
             )
-        mask = batch.predict_mask
+        mask = batch.predict_mask.flatten()
         with gradients_enabled():
             grads = torch.autograd.grad(loss_sum, capture.tensors())
             acts = [t.detach() for t in capture.tensors()]

