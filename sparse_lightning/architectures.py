@@ -35,6 +35,9 @@ class ArchitectureSpec:
         mlp_in: paths from a layer to the projections that produce the neurons (compaction
             slices their output rows).
         attn_in: paths from a layer to the query/key/value projections.
+        mlp_size: config attribute holding the MLP width (compaction rewrites it).
+        separate_qkv: query, key and value are separate projections taking the head count
+            from the config, so heads can be removed by slicing (compaction of heads).
     """
 
     layers: str
@@ -42,6 +45,8 @@ class ArchitectureSpec:
     attn_out: str
     mlp_in: tuple[str, ...]
     attn_in: tuple[str, ...]
+    mlp_size: str = "intermediate_size"
+    separate_qkv: bool = True
 
 
 _LLAMA = ArchitectureSpec(
@@ -70,6 +75,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attn_out="attn.c_proj",
         mlp_in=("mlp.c_fc",),
         attn_in=("attn.c_attn",),
+        mlp_size="n_inner",
+        separate_qkv=False,
     ),
     "gpt_neox": ArchitectureSpec(
         layers="gpt_neox.layers",
@@ -77,6 +84,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attn_out="attention.dense",
         mlp_in=("mlp.dense_h_to_4h",),
         attn_in=("attention.query_key_value",),
+        separate_qkv=False,
     ),
     "opt": ArchitectureSpec(
         layers="model.decoder.layers",
@@ -84,6 +92,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attn_out="self_attn.out_proj",
         mlp_in=("fc1",),
         attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        mlp_size="ffn_dim",
+        # OPT derives head_dim from hidden_size / num_attention_heads: no head removal.
+        separate_qkv=False,
     ),
 }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +16,7 @@ from sparse_lightning.architectures import UNIT_KINDS
 from sparse_lightning.attribution.functional import integration_points
 from sparse_lightning.attribution.scores import AttributionScores
 from sparse_lightning.attribution.statistics import Statistics
+from sparse_lightning.checkpoint import DEFAULT_DIR, save_statistics
 from sparse_lightning.hooks import ActivationCapture, gradients_enabled
 from sparse_lightning.module import SparseActivationModule, TeacherForcedBatch
 
@@ -36,6 +39,9 @@ class AttributionCalibration(Callback):
         units: unit kinds to measure, ``"mlp"`` and/or ``"heads"``.
         ig_steps: integration steps of integrated gradients (0 = skip IG; the paper's
             scripts use 20). All captured layers are scaled together at each step.
+        run_name: when set, rank 0 writes ``<dirpath>/<run_name>.safetensors`` at the end.
+        dirpath: folder of the checkpoint.
+        dataset: a description of the calibration data, stored in the checkpoint.
 
     Example:
         >>> calibration = AttributionCalibration(ig_steps=4)
@@ -44,7 +50,14 @@ class AttributionCalibration(Callback):
         >>> calibration.statistics.heads.score("corrected_gxo")  # doctest: +SKIP
     """
 
-    def __init__(self, units: Sequence[str] = UNIT_KINDS, ig_steps: int = 0) -> None:
+    def __init__(
+        self,
+        units: Sequence[str] = UNIT_KINDS,
+        ig_steps: int = 0,
+        run_name: str | None = None,
+        dirpath: str | os.PathLike[str] = DEFAULT_DIR,
+        dataset: str = "",
+    ) -> None:
         super().__init__()
         if not units or set(units) - set(UNIT_KINDS):
             raise ValueError(f"units must be a non-empty subset of {UNIT_KINDS}, got {units}.")
@@ -52,6 +65,10 @@ class AttributionCalibration(Callback):
             raise ValueError(f"ig_steps must be >= 0 (0 disables IG), got {ig_steps}.")
         self.units = tuple(k for k in UNIT_KINDS if k in units)
         self.ig_steps = ig_steps
+        self.run_name = run_name
+        self.dirpath = Path(dirpath)
+        self.dataset = dataset
+        self.checkpoint_path: Path | None = None
         self.scores: dict[str, AttributionScores] = {}
         self._statistics: Statistics | None = None
         self._capture: ActivationCapture | None = None
@@ -115,6 +132,11 @@ class AttributionCalibration(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        if pl_module.masking is not None:
+            raise RuntimeError(
+                "The module runs sparse; calibration measures the dense model. Call "
+                "module.disable_sparsity() before trainer.validate with AttributionCalibration."
+            )
         for scores in self.scores.values():
             scores.to(pl_module.device).reset()
         self._batches = 0
@@ -146,9 +168,13 @@ class AttributionCalibration(Callback):
             metadata={
                 "targets": pl_module.targets,
                 "fingerprint": pl_module.architecture.fingerprint.to_json(),
-                "batches_rank0": str(self._batches),
+                "base_model": str(getattr(pl_module.model, "name_or_path", "") or ""),
+                "dataset": self.dataset,
             },
         )
+        if self.run_name is not None and trainer.is_global_zero:
+            path = self.dirpath / f"{self.run_name}.safetensors"
+            self.checkpoint_path = save_statistics(self._statistics, path)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._detach(pl_module)

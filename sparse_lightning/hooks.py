@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from sparse_lightning.architectures import UNIT_KINDS, ResolvedArchitecture
+from sparse_lightning.selectors import Selector
 
 
 @contextmanager
@@ -128,5 +129,69 @@ class ActivationCapture:
                 x = x * self._scale
             self.captured[kind][layer] = x
             return (x, *args[1:])
+
+        return hook
+
+
+class UnitMasking:
+    """Zero the units a selector drops, at the input of the output projections.
+
+    Installed on the wrapped model itself, so ``model(...)``, ``model.generate``, pipelines and
+    evaluation harnesses all run sparse. Counts what it zeroes (see :meth:`realized`).
+
+    Args:
+        architecture: the resolved model.
+        selectors: unit kind -> selector; kinds left out stay dense.
+    """
+
+    def __init__(self, architecture: ResolvedArchitecture, selectors: dict[str, Selector]) -> None:
+        self.architecture = architecture
+        self.selectors = selectors
+        self.enabled = True
+        self.counts = {kind: [0, 0] for kind in selectors}  # zeroed, seen (unit-tokens)
+        self._handles: list[RemovableHandle] = []
+        for kind in selectors:
+            for layer, module in enumerate(architecture.out_modules(kind)):
+                hook = self._make_hook(kind, layer)
+                self._handles.append(module.register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run dense inside (e.g. the oracle's own dense pass)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def reset_counts(self) -> None:
+        self.counts = {kind: [0, 0] for kind in self.selectors}
+
+    def realized(self) -> dict[str, float]:
+        """Fraction of unit-tokens zeroed per kind since the last :meth:`reset_counts`."""
+        return {kind: (z / n if n else 0.0) for kind, (z, n) in self.counts.items()}
+
+    def _make_hook(self, kind: str, layer: int):
+        units = self.architecture.units(kind)
+        width = self.architecture.unit_width(kind)
+        selector = self.selectors[kind]
+
+        def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+            if not self.enabled:
+                return None
+            x = args[0]
+            view = x.reshape(-1, units, width)
+            keep = selector.keep(layer, view)
+            tokens = view.shape[0]
+            kept = int(keep.sum()) * (tokens if keep.dim() == 1 else 1)
+            self.counts[kind][0] += tokens * units - kept
+            self.counts[kind][1] += tokens * units
+            masked = view * keep.unsqueeze(-1).to(x.dtype)
+            return (masked.reshape(x.shape), *args[1:])
 
         return hook

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,8 +15,14 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 
 from sparse_lightning.architectures import ResolvedArchitecture, resolve
-from sparse_lightning.hooks import ActivationCapture, gradients_enabled
+from sparse_lightning.attribution.functional import per_token_score
+from sparse_lightning.attribution.statistics import Statistics
+from sparse_lightning.checkpoint import load_statistics
+from sparse_lightning.compaction import compact
+from sparse_lightning.hooks import ActivationCapture, UnitMasking, gradients_enabled
 from sparse_lightning.models import load_model
+from sparse_lightning.selectors import OracleSelector
+from sparse_lightning.sparsity import SparsityConfig, build_selectors, sparsity_report
 
 Targets = Literal["dense", "reference"]
 
@@ -102,6 +109,161 @@ class SparseActivationModule(L.LightningModule):
         self.targets: Targets = targets
         self.max_new_tokens = max_new_tokens
         self.activation_capture: ActivationCapture | None = None
+        self.statistics: Statistics | None = None
+        self.sparsity = SparsityConfig()
+        self.masking: UnitMasking | None = None
+
+    # --------------------------------------------------------------------------- sparsity
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: PreTrainedModel | str | os.PathLike[str],
+        path: str | os.PathLike[str],
+        sparsity: float | None = 0.5,
+        *,
+        mlp: float | None = None,
+        heads: float | None = None,
+        mode: str = "dynamic",
+        metric: str = "corrected_gxo",
+        **kwargs: Any,
+    ) -> SparseActivationModule:
+        """Wrap ``model`` and apply sparsity chosen from a calibration checkpoint.
+
+        Args:
+            model: as for the constructor.
+            path: a ``.safetensors`` checkpoint written by the calibration callback.
+            sparsity: fraction of units zeroed, for MLP neurons and heads alike.
+            mlp: MLP fraction, overriding ``sparsity``.
+            heads: head fraction, overriding ``sparsity``.
+            mode: ``"dynamic"``, ``"magnitude"``, ``"static"`` or ``"oracle"``.
+            metric: ranking metric of ``static`` and ``oracle``.
+            **kwargs: passed to the constructor (``tokenizer``, ``targets``, ...).
+
+        Example:
+            >>> module = SparseActivationModule.from_pretrained(  # doctest: +SKIP
+            ...     model, "checkpoints/smollm2.safetensors", mlp=0.7, heads=0.0)
+            >>> module.model.generate(**inputs)  # sparse  # doctest: +SKIP
+        """
+        module = cls(model, **kwargs)
+        module.load_statistics(path)
+        module.set_sparsity(sparsity, mlp=mlp, heads=heads, mode=mode, metric=metric)
+        return module
+
+    def load_statistics(self, path: str | os.PathLike[str]) -> Statistics:
+        """Read calibrated statistics, checking they belong to this architecture."""
+        self.statistics = load_statistics(path, expect=self.architecture.fingerprint)
+        return self.statistics
+
+    def set_sparsity(
+        self,
+        sparsity: float | None = None,
+        *,
+        mlp: float | None = None,
+        heads: float | None = None,
+        mode: str = "dynamic",
+        metric: str = "corrected_gxo",
+    ) -> SparsityConfig:
+        """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense."""
+        base = 0.0 if sparsity is None else sparsity
+        config = SparsityConfig(
+            mlp=base if mlp is None else mlp,
+            heads=base if heads is None else heads,
+            mode=mode,
+            metric=metric,
+        )
+        selectors = build_selectors(config, self.architecture, self.statistics)
+        self.disable_sparsity()
+        self.sparsity = config
+        if selectors:
+            self.masking = UnitMasking(self.architecture, selectors)
+        return config
+
+    def disable_sparsity(self) -> None:
+        """Back to the dense model (the statistics stay loaded)."""
+        if self.masking is not None:
+            self.masking.remove()
+        self.masking = None
+        self.sparsity = SparsityConfig()
+
+    def realized_sparsity(self, reset: bool = False) -> dict[str, float]:
+        """What the forwards since the last reset really zeroed.
+
+        Returns:
+            ``mlp_zero_ratio``, ``head_zero_ratio``, ``paper_sparsity`` (1/3 heads + 2/3 MLP)
+            and ``linear_flops_skippable`` (share of all linear-layer multiply-adds).
+        """
+        realized = self.masking.realized() if self.masking is not None else {}
+        if reset and self.masking is not None:
+            self.masking.reset_counts()
+        config = self.model.config
+        hidden = int(config.hidden_size)
+        return sparsity_report(realized, self.architecture, hidden, int(config.vocab_size))
+
+    def compact(self) -> PreTrainedModel:
+        """A smaller stock model without the units the current static masks drop.
+
+        Loads with plain ``AutoModelForCausalLM.from_pretrained`` after ``save_pretrained`` and
+        gives the masked model's outputs. Needs ``mode="static"``.
+        """
+        if self.masking is None or self.sparsity.mode != "static":
+            raise RuntimeError(
+                "Only static masks remove the same units for every token; call "
+                "set_sparsity(..., mode='static') before compact()."
+            )
+        masks = {kind: sel.masks for kind, sel in self.masking.selectors.items()}
+        return compact(self.model, masks)
+
+    def prepare_oracle(
+        self, batch: TeacherForcedBatch, units: dict[str, tuple[list, list]] | None = None
+    ) -> None:
+        """Oracle mode: score every token from this batch's own dense gradients.
+
+        The dense model's loss on ``batch`` (its labels, e.g. the dense answer) is
+        differentiated once; each layer keeps, per token, the top units by ``metric``.
+
+        Args:
+            batch: the teacher-forced batch about to be run.
+            units: precomputed :meth:`dense_units_and_gradients` of ``batch`` (lets several
+                oracle settings share one backward).
+        """
+        if self.masking is None or self.sparsity.mode != "oracle":
+            raise RuntimeError("prepare_oracle needs set_sparsity(..., mode='oracle') first.")
+        if units is None:
+            units = self.dense_units_and_gradients(batch, tuple(self.masking.selectors))
+        for kind, selector in self.masking.selectors.items():
+            assert isinstance(selector, OracleSelector)
+            a, g = units[kind]
+            metric = self.sparsity.metric
+            selector.set_scores([per_token_score(metric, x, y) for x, y in zip(a, g, strict=True)])
+
+    def dense_units_and_gradients(
+        self, batch: TeacherForcedBatch, kinds: tuple[str, ...] = ("mlp", "heads")
+    ) -> dict[str, tuple[list[Tensor], list[Tensor]]]:
+        """Per layer ``(tokens, units, width)`` activations and loss gradients, dense model."""
+        batch = batch.autograd_ready()
+        paused = self.masking.paused() if self.masking is not None else nullcontext()
+        with paused, ActivationCapture(self.architecture, kinds) as capture:
+            with gradients_enabled():
+                with capture.record():
+                    loss = self.answer_loss(batch)
+                grads = torch.autograd.grad(loss, capture.tensors())
+            acts = [t.detach() for t in capture.tensors()]
+            result, offset = {}, 0
+            for kind in capture.kinds:
+                n = len(capture.captured[kind])
+                result[kind] = (
+                    capture.unit_view(kind, acts[offset : offset + n]),
+                    capture.unit_view(kind, grads[offset : offset + n]),
+                )
+                offset += n
+        return result
+
+    def sparse_logits(self, batch: TeacherForcedBatch) -> Tensor:
+        """Teacher-forced logits under the current sparsity (oracle masks prepared first)."""
+        if self.masking is not None and self.sparsity.mode == "oracle":
+            self.prepare_oracle(batch)
+        with torch.no_grad():
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
     # ----------------------------------------------------------------------------- token ids
     @property
@@ -214,6 +376,8 @@ class SparseActivationModule(L.LightningModule):
         """
         tf = self.prepare_batch(batch)
         if self.activation_capture is None:
+            if self.masking is not None and self.sparsity.mode == "oracle":
+                self.prepare_oracle(tf)
             loss_sum = self.answer_loss(tf)
         else:
             tf = tf.autograd_ready()
@@ -222,6 +386,9 @@ class SparseActivationModule(L.LightningModule):
         tokens = tf.num_answer_tokens
         loss = loss_sum.detach() / tokens
         self.log("val_loss", loss, batch_size=tokens, prog_bar=True, sync_dist=True)
+        if self.masking is not None:
+            report = self.realized_sparsity(reset=True)
+            self.log_dict({f"sparsity/{k}": v for k, v in report.items()}, batch_size=tokens)
         return {"loss": loss, "loss_sum": loss_sum, "batch": tf}
 
 

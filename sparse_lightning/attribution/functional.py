@@ -98,3 +98,60 @@ def integrated_gradients(a: Tensor, mean_path_gradient: Tensor) -> Tensor:
     ``F(0) - F(a)``: the loss rise when every unit on the path is zeroed.
     """
     return gxo(a, mean_path_gradient)
+
+
+#: log10 range and bin count of the per-layer magnitude histograms (0.005 decades per bin).
+HISTOGRAM_LOG10_RANGE = (-6.0, 3.0)
+HISTOGRAM_BINS = 1800
+
+
+def magnitude_histogram(magnitudes: Tensor) -> Tensor:
+    """Counts of ``log10(magnitude)`` in :data:`HISTOGRAM_BINS` equal bins (clamped at the ends).
+
+    Histograms add across batches and processes; :func:`histogram_quantile` inverts them.
+    """
+    lo, hi = HISTOGRAM_LOG10_RANGE
+    logs = magnitudes.double().clamp_min(1e-30).log10()
+    index = ((logs - lo) / (hi - lo) * HISTOGRAM_BINS).floor().clamp(0, HISTOGRAM_BINS - 1)
+    return torch.bincount(index.long().flatten(), minlength=HISTOGRAM_BINS).double()
+
+
+def histogram_quantile(histogram: Tensor, q: float) -> float:
+    """The magnitude below which a fraction ``q`` of the histogram's values lie.
+
+    Interpolates linearly in log space inside the bin where the cumulative count crosses ``q``.
+    """
+    lo, hi = HISTOGRAM_LOG10_RANGE
+    total = float(histogram.sum())
+    if total <= 0:
+        raise ValueError("The histogram is empty: calibration saw no tokens.")
+    if q <= 0:
+        return 0.0
+    cumulative = histogram.double().cumsum(0) / total
+    b = int(
+        torch.searchsorted(cumulative, torch.tensor(q, dtype=torch.float64)).clamp(
+            max=HISTOGRAM_BINS - 1
+        )
+    )
+    below = float(cumulative[b - 1]) if b > 0 else 0.0
+    inside = float(histogram[b]) / total
+    frac = 0.0 if inside <= 0 else min(max((q - below) / inside, 0.0), 1.0)
+    width = (hi - lo) / HISTOGRAM_BINS
+    return 10 ** (lo + (b + frac) * width)
+
+
+def per_token_score(metric: str, a: Tensor, g: Tensor) -> Tensor:
+    """The keep-score of ``metric`` for every token and unit (metrics that need one backward)."""
+    table = {
+        "magnitude": lambda: magnitude(a),
+        "gradient": lambda: gradient(g),
+        "gxo": lambda: gxo(a, g),
+        "snip": lambda: snip(a, g),
+        "fisher": lambda: fisher(a, g),
+        "corrected_gxo": lambda: corrected_gxo(a, g),
+    }
+    if metric not in table:
+        raise ValueError(
+            f"{metric!r} has no one-backward per-token score; use one of {list(table)}."
+        )
+    return table[metric]()

@@ -51,6 +51,11 @@ class AttributionScores(Metric):
         for name in self._per_unit:
             self.add_state(name, default=zeros.clone(), dist_reduce_fx="sum")
         self.add_state(
+            "magnitude_histogram",
+            default=torch.zeros(num_layers, F.HISTOGRAM_BINS, dtype=torch.float64),
+            dist_reduce_fx="sum",
+        )
+        self.add_state(
             "layer_grad_norm",
             default=torch.zeros(num_layers, dtype=torch.float64),
             dist_reduce_fx="sum",
@@ -97,6 +102,7 @@ class AttributionScores(Metric):
         for name, value in per_unit.items():
             state = getattr(self, name)
             state[layer] += value.sum(0)
+        self.magnitude_histogram[layer] += F.magnitude_histogram(per_unit["magnitude"])
         self.layer_grad_norm[layer] += F.layer_gradient_norm(g).sum()
         self.tokens[layer] += a.shape[0]
 
@@ -109,4 +115,10 @@ class AttributionScores(Metric):
                 "every layer. This is a bug in sparse_lightning: please report it."
             )
         sums = {name: getattr(self, name).clone() for name in self._per_unit}
-        return UnitStatistics(self.kind, int(tokens[0]), sums, self.layer_grad_norm.clone())
+        return UnitStatistics(
+            self.kind,
+            int(tokens[0]),
+            sums,
+            self.layer_grad_norm.clone(),
+            self.magnitude_histogram.clone(),
+        )

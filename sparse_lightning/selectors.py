@@ -1,0 +1,150 @@
+"""Selection rules: turn one layer's unit activations into a keep-mask.
+
+Every selector answers ``keep(layer, units) -> mask`` where ``units`` is ``(tokens, U, width)``
+(see :meth:`~sparse_lightning.hooks.ActivationCapture.unit_view`) and the mask is bool
+``(tokens, U)`` or ``(U,)`` for a fixed set. Nothing here runs a backward pass except the
+oracle's preparation, which is research-only.
+
+=============  =================================================================================
+mode           rule
+=============  =================================================================================
+magnitude      per token, keep the ``k`` units of largest ``||a||`` (the baseline)
+dynamic        per token, keep units whose ``||a||`` reaches the layer's calibrated threshold:
+               the magnitude quantile at the target sparsity over calibration tokens. The
+               count kept varies per token; on calibration-like data the mean sparsity is the
+               target. One comparison per unit replaces a sort.
+static         one fixed set per layer: the ``k`` units of highest mean calibrated score
+oracle         per token, the ``k`` units of highest score from that sequence's own gradients
+=============  =================================================================================
+
+Example:
+    >>> import torch
+    >>> sel = MagnitudeSelector(sparsity=0.5, num_units=4)
+    >>> sel.keep(0, torch.tensor([[[1.0], [-3.0], [0.5], [2.0]]]))
+    tensor([[False,  True, False,  True]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sparse_lightning.attribution import functional as F
+from sparse_lightning.attribution.statistics import UnitStatistics
+
+MODES = ("dynamic", "magnitude", "static", "oracle")
+#: Metrics an oracle can score per token from one backward (IG would need n of them).
+ORACLE_METRICS = ("magnitude", "gradient", "gxo", "snip", "fisher", "corrected_gxo")
+
+
+def kept_count(num_units: int, sparsity: float) -> int:
+    """Units kept per layer at ``sparsity`` (at least one)."""
+    return max(1, num_units - round(sparsity * num_units))
+
+
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest entries along the last dimension."""
+    if k >= scores.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    index = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+
+
+class Selector:
+    """Base class: override :meth:`keep`."""
+
+    def keep(self, layer: int, units: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class MagnitudeSelector(Selector):
+    """Per-token top-k by activation magnitude (no calibration needed)."""
+
+    def __init__(self, sparsity: float, num_units: int) -> None:
+        self.k = kept_count(num_units, sparsity)
+
+    def keep(self, layer: int, units: Tensor) -> Tensor:
+        return top_k_mask(F.magnitude(units), self.k)
+
+
+class DynamicSelector(Selector):
+    """Per-token comparison with per-layer magnitude thresholds from calibration.
+
+    Args:
+        thresholds: ``(layers,)``, a unit is kept when ``||a|| >= thresholds[layer]``.
+    """
+
+    def __init__(self, thresholds: Tensor) -> None:
+        self.thresholds = thresholds
+
+    @classmethod
+    def from_statistics(cls, stats: UnitStatistics, sparsity: float) -> DynamicSelector:
+        """Thresholds at the ``sparsity`` quantile of each layer's calibrated magnitudes."""
+        thresholds = [
+            stats.magnitude_threshold(layer, sparsity) for layer in range(stats.num_layers)
+        ]
+        return cls(torch.tensor(thresholds, dtype=torch.float32))
+
+    def keep(self, layer: int, units: Tensor) -> Tensor:
+        return F.magnitude(units) >= self.thresholds[layer].to(units.dtype)
+
+
+class StaticSelector(Selector):
+    """A fixed set of units per layer: the top-k by a calibrated mean score.
+
+    Args:
+        masks: ``(layers, units)`` bool.
+    """
+
+    def __init__(self, masks: Tensor) -> None:
+        self.masks = masks
+
+    @classmethod
+    def from_statistics(
+        cls, stats: UnitStatistics, sparsity: float, metric: str, groups: int = 1
+    ) -> StaticSelector:
+        """Top-k per layer; with ``groups > 1`` (GQA heads), the same k within every group.
+
+        Balanced groups keep the model a valid GQA model after compaction (every key/value
+        head keeps the same number of query heads).
+        """
+        scores = stats.score(metric).float()
+        grouped = scores.unflatten(-1, (groups, scores.shape[-1] // groups))
+        k = kept_count(grouped.shape[-1], sparsity)
+        return cls(top_k_mask(grouped, k).flatten(-2))
+
+    def keep(self, layer: int, units: Tensor) -> Tensor:
+        return self.masks[layer].to(units.device)
+
+
+class OracleSelector(Selector):
+    """Per-token masks computed beforehand from the sequence's own gradients.
+
+    :meth:`SparseActivationModule.oracle_forward` fills :attr:`masks` for one batch;
+    ``keep`` then hands them out layer by layer.
+    """
+
+    def __init__(self, sparsity: float, num_units: int, metric: str) -> None:
+        if metric not in ORACLE_METRICS:
+            raise ValueError(
+                f"The oracle scores each token from one backward; metric {metric!r} is not "
+                f"available there. Choose one of {ORACLE_METRICS}."
+            )
+        self.k = kept_count(num_units, sparsity)
+        self.metric = metric
+        self.masks: Sequence[Tensor] | None = None
+
+    def set_scores(self, per_layer_scores: Sequence[Tensor]) -> None:
+        """Per-layer ``(tokens, U)`` scores of the coming forward."""
+        self.masks = [top_k_mask(s, self.k) for s in per_layer_scores]
+
+    def keep(self, layer: int, units: Tensor) -> Tensor:
+        if self.masks is None or self.masks[layer].shape != units.shape[:-1]:
+            raise RuntimeError(
+                "Oracle masks come from one sequence's own gradients, so they exist only for "
+                "the batch they were computed on. Use SparseActivationModule.oracle_forward(batch) "
+                "for oracle runs; for generate/pipelines choose mode='dynamic' or 'static'."
+            )
+        return self.masks[layer]
