@@ -122,7 +122,7 @@ class StaticSelector(Selector):
 class OracleSelector(Selector):
     """Per-token masks computed beforehand from the sequence's own gradients.
 
-    :meth:`SparseActivationModule.oracle_forward` fills :attr:`masks` for one batch;
+    :meth:`SparseActivationModule.prepare_oracle` fills :attr:`masks` for one batch;
     ``keep`` then hands them out layer by layer.
     """
 
@@ -144,7 +144,8 @@ class OracleSelector(Selector):
         if self.masks is None or self.masks[layer].shape != units.shape[:-1]:
             raise RuntimeError(
                 "Oracle masks come from one sequence's own gradients, so they exist only for "
-                "the batch they were computed on. Use SparseActivationModule.oracle_forward(batch) "
-                "for oracle runs; for generate/pipelines choose mode='dynamic' or 'static'."
+                "the batch they were computed on. Use SparseActivationModule.sparse_logits(batch) "
+                "(or validate), which prepares them; for generate/pipelines choose "
+                "mode='dynamic' or 'static'."
             )
         return self.masks[layer]

@@ -116,5 +116,5 @@ def test_interrupted_save_leaves_earlier_file_intact(calibrated, monkeypatch):
 
 def test_save_refuses_a_path_that_is_not_safetensors(calibrated, tmp_path):
     stats, _ = calibrated
-    with pytest.raises(CheckpointError, match=".safetensors"):
+    with pytest.raises(CheckpointError, match=r"\.safetensors"):
         checkpoint_module.save_statistics(stats, tmp_path / "stats.pt")
