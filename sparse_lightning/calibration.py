@@ -102,15 +102,12 @@ class AttributionCalibration(Callback):
             acts = [t.detach() for t in capture.tensors()]
             capture.clear()  # frees the graph before the IG passes build theirs
             path_mean = self._mean_path_gradient(module, batch, grads) if self.ig_steps else None
-        offset = 0
+        a_by, g_by = capture.by_kind(acts), capture.by_kind(grads)
+        ig_by = capture.by_kind(path_mean) if path_mean is not None else None
         for kind in self.units:
-            layers = slice(offset, offset + len(capture.captured[kind]))
-            a_k = capture.unit_view(kind, acts[layers])
-            g_k = capture.unit_view(kind, grads[layers])
-            ig_k = capture.unit_view(kind, path_mean[layers]) if path_mean else [None] * len(a_k)
-            for layer, (a, g, ig) in enumerate(zip(a_k, g_k, ig_k, strict=True)):
-                self.scores[kind].update(layer, a[mask], g[mask], None if ig is None else ig[mask])
-            offset = layers.stop
+            for layer, (a, g) in enumerate(zip(a_by[kind], g_by[kind], strict=True)):
+                ig = ig_by[kind][layer][mask] if ig_by is not None else None
+                self.scores[kind].update(layer, a[mask], g[mask], ig)
 
     # ------------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -117,6 +117,15 @@ class ActivationCapture:
         width = self.architecture.unit_width(kind)
         return [t.reshape(-1, units, width) for t in tensors]
 
+    def by_kind(self, tensors: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        """Split a :meth:`tensors`-ordered list per unit kind, each as :meth:`unit_view`."""
+        out, offset = {}, 0
+        for kind in self.kinds:
+            n = self.architecture.num_layers
+            out[kind] = self.unit_view(kind, tensors[offset : offset + n])
+            offset += n
+        return out
+
     def _make_hook(self, kind: str, layer: int):
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
             if not self._recording:

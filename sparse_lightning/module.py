@@ -248,15 +248,8 @@ class SparseActivationModule(L.LightningModule):
                     loss = self.answer_loss(batch)
                 grads = torch.autograd.grad(loss, capture.tensors())
             acts = [t.detach() for t in capture.tensors()]
-            result, offset = {}, 0
-            for kind in capture.kinds:
-                n = len(capture.captured[kind])
-                result[kind] = (
-                    capture.unit_view(kind, acts[offset : offset + n]),
-                    capture.unit_view(kind, grads[offset : offset + n]),
-                )
-                offset += n
-        return result
+            a_by, g_by = capture.by_kind(acts), capture.by_kind(grads)
+        return {kind: (a_by[kind], g_by[kind]) for kind in a_by}
 
     def sparse_logits(self, batch: TeacherForcedBatch) -> Tensor:
         """Teacher-forced logits under the current sparsity (oracle masks prepared first)."""

@@ -96,6 +96,14 @@ def loader_of(pairs: Sequence, batch_size: int = 2) -> DataLoader:
     )
 
 
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU trainer without logger, progress bar or model summary."""
+    defaults = dict(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
 def calibrate(
     model,
     loader,
@@ -106,14 +114,7 @@ def calibrate(
     """Run trainer.validate with the callback; return (statistics, module, callback)."""
     module = SparseActivationModule(model, targets=targets, max_new_tokens=5)
     callback = AttributionCalibration(**callback_kwargs)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=inference_mode,
-    )
+    trainer = quiet_trainer(callbacks=[callback], inference_mode=inference_mode)
     trainer.validate(module, loader, verbose=False)
     return callback.statistics, module, callback
 

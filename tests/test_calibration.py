@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import itertools
 
-import lightning as L
 import pytest
 import torch
 from conftest import (
     ARCH_TYPES,
     calibrate,
     loader_of,
+    quiet_trainer,
     reference_batch,
     summed_answer_ce,
     tiny_model,
@@ -251,16 +251,12 @@ def test_sanity_check_batches_are_not_counted():
 
     pairs = token_pairs(6)
     callback = AttributionCalibration(units=("mlp",))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
         enable_checkpointing=False,
         max_steps=1,
         val_check_interval=1,
         num_sanity_val_steps=2,
-        enable_model_summary=False,
     )
     trainer.fit(Trainable(tiny_model("llama")), loader_of(pairs), loader_of(pairs))
     # One real validation epoch over 6 examples of 4 answer tokens; the 2 sanity batches

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCH_TYPES, calibrate, loader_of, tiny_model, token_pairs
+from conftest import ARCH_TYPES, calibrate, loader_of, quiet_trainer, tiny_model, token_pairs
 
 from sparse_lightning import SparseActivationModule
 from sparse_lightning.module import TeacherForcedBatch
@@ -163,19 +163,12 @@ def test_oracle_needs_its_own_batch():
 
 
 def test_calibrating_a_sparse_module_is_refused(checkpoints):
-    import lightning as L
-
     from sparse_lightning import AttributionCalibration
 
     _, path = checkpoints["llama"]
     module = SparseActivationModule.from_pretrained(
         tiny_model("llama"), path, 0.5, targets="reference"
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        callbacks=[AttributionCalibration()],
-        logger=False,
-        enable_progress_bar=False,
-    )
+    trainer = quiet_trainer(callbacks=[AttributionCalibration()])
     with pytest.raises(RuntimeError, match="disable_sparsity"):
         trainer.validate(module, loader_of(token_pairs(2)), verbose=False)
