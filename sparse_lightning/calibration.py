@@ -89,7 +89,7 @@ class AttributionCalibration(Callback):
         self, module: SparseActivationModule, loss_sum: Tensor, batch: TeacherForcedBatch
     ) -> None:
         """Add one batch: gradients of ``loss_sum`` w.r.t. the captured units, then IG passes."""
-        capture = self._require_capture()
+        capture = self._require_capture(module)
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(
                 f"The answer loss is {loss_sum.item()} (not finite), so attributions would be "
@@ -193,7 +193,7 @@ class AttributionCalibration(Callback):
         dense_grads: Sequence[Tensor],
     ) -> list[Tensor]:
         # The last integration point is alpha = 1, whose gradients are the dense ones.
-        capture = self._require_capture()
+        capture = self._require_capture(module)
         total = list(dense_grads)
         for alpha in integration_points(self.ig_steps)[:-1].tolist():
             with capture.record(scale=alpha):
@@ -205,10 +205,13 @@ class AttributionCalibration(Callback):
             capture.clear()
         return [t / self.ig_steps for t in total]
 
-    def _require_capture(self) -> ActivationCapture:
-        if self._capture is None:
-            raise RuntimeError("attribute() runs only inside trainer.validate with this callback.")
-        return self._capture
+    def _require_capture(self, module: SparseActivationModule) -> ActivationCapture:
+        if module.activation_capture is None or not self.scores:
+            raise RuntimeError(
+                "attribute() needs the callback set up and an ActivationCapture attached to the "
+                "module; it runs inside trainer.validate with this callback."
+            )
+        return module.activation_capture
 
     def _detach(self, pl_module: L.LightningModule) -> None:
         if self._capture is not None:
