@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def load_model(
     source: str | os.PathLike[str],
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[PreTrainedModel, object]:
+) -> tuple[PreTrainedModel, object | None]:
     """Load a causal LM and its tokenizer from a hub name, a local folder or a GGUF file.
 
     Args:
@@ -70,7 +71,6 @@ def load_model(
         )
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **kwargs)
     except OSError as err:
         raise OSError(
@@ -78,6 +78,16 @@ def load_model(
             "config.json and weights, a .gguf file, or a hub name with network access "
             "(HF_HUB_OFFLINE=1 forbids downloads)."
         ) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as err:
+        # A model without tokenizer files still serves pre-tokenized batches.
+        warnings.warn(
+            f"No tokenizer loaded from {str(source)!r} ({err}); pass tokenizer=... to tokenize "
+            "text.",
+            stacklevel=2,
+        )
+        tokenizer = None
     if gguf_file:
         # A dequantised GGUF model is a plain float model; clearing the quantizer lets
         # save_pretrained write an ordinary safetensors checkpoint.

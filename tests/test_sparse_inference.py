@@ -172,3 +172,23 @@ def test_calibrating_a_sparse_module_is_refused(checkpoints):
     trainer = quiet_trainer(callbacks=[AttributionCalibration()])
     with pytest.raises(RuntimeError, match="disable_sparsity"):
         trainer.validate(module, loader_of(token_pairs(2)), verbose=False)
+
+
+def test_module_loads_a_local_folder_and_logs_sparsity(checkpoints, tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    with pytest.warns(UserWarning, match="No tokenizer"):
+        module = SparseActivationModule.from_pretrained(
+            str(tmp_path / "tiny"),
+            checkpoints["llama"][1],
+            0.5,
+            mode="magnitude",
+            targets="reference",
+        )
+    trainer = quiet_trainer()
+    trainer.validate(module, loader_of(token_pairs(4)), verbose=False)
+    logged = trainer.callback_metrics
+    assert float(logged["sparsity/mlp_zero_ratio"]) == pytest.approx(18 / 37)
+    assert float(logged["sparsity/head_zero_ratio"]) == pytest.approx(0.5)
+    assert "val_loss" in logged
+    with pytest.raises(OSError, match="Could not load a model"):
+        SparseActivationModule(str(tmp_path / "does-not-exist"))
