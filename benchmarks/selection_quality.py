@@ -125,7 +125,9 @@ def main() -> None:
                 module.prepare_oracle(batch, units)
             with torch.no_grad():
                 logits = module.model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    logits_to_keep=keep,
                 ).logits
             logp = torch.log_softmax(logits[positions].float(), -1)
             row = results[label_key(setting)]
