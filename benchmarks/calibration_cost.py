@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, machine_info, median_seconds, save_report  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     AttributionCalibration,
     QACollator,
@@ -45,17 +44,7 @@ from sparse_lightning import (  # noqa: E402
 from sparse_lightning.hooks import ActivationCapture, gradients_enabled  # noqa: E402
 from sparse_lightning.module import TeacherForcedBatch  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "TruthfulQA.csv"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+DATA = TRUTHFULQA
 
 
 def current_rss_mb() -> float:
@@ -122,14 +111,19 @@ def main() -> None:
         with torch.no_grad():
             module.answer_loss(batch)
 
-    def ours() -> None:
-        tf = batch.autograd_ready()
-        with gradients_enabled(), capture.record():
-            loss = module.answer_loss(tf)
-        callback.attribute(module, loss, tf)
+    def calibration_step(on: TeacherForcedBatch):
+        def step() -> None:
+            tf = on.autograd_ready()
+            with gradients_enabled(), capture.record():
+                loss = module.answer_loss(tf)
+            callback.attribute(module, loss, tf)
 
-    t_dense = median_time(dense_forward, args.repeats)
-    t_ours = median_time(ours, args.repeats)
+        return step
+
+    ours = calibration_step(batch)
+
+    t_dense = median_seconds(dense_forward, args.repeats)
+    t_ours = median_seconds(ours, args.repeats)
 
     rss = []
     for _ in range(args.memory_batches):
@@ -146,13 +140,7 @@ def main() -> None:
         args.ref_tokens,
     )
 
-    def ours_on_ref() -> None:
-        tf = ref_batch.autograd_ready()
-        with gradients_enabled(), capture.record():
-            loss = module.answer_loss(tf)
-        callback.attribute(module, loss, tf)
-
-    t_ours_ref = median_time(ours_on_ref, args.repeats)
+    t_ours_ref = median_seconds(calibration_step(ref_batch), args.repeats)
     start = time.perf_counter()
     passes = reference_scheme(module, ref_batch)
     t_reference = time.perf_counter() - start

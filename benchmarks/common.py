@@ -5,9 +5,26 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+#: The shared TruthfulQA CSV beside the checkout.
+TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def machine_info() -> dict[str, object]:

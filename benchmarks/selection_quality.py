@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, machine_info, save_report  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     AttributionCalibration,
     QACollator,
@@ -38,7 +38,7 @@ from sparse_lightning import (  # noqa: E402
 )
 from sparse_lightning.checkpoint import CheckpointError, load_statistics  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "TruthfulQA.csv"
+DATA = TRUTHFULQA
 MLP_LEVELS = (0.5, 0.7, 0.8, 0.9)
 HEAD_LEVELS = (0.0, 0.5)
 ORACLE_METRICS = ("magnitude", "gxo", "snip", "corrected_gxo")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, machine_info, median_seconds, save_report  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     AttributionCalibration,
     QACollator,
@@ -42,7 +41,7 @@ from sparse_lightning import (  # noqa: E402
     load_truthfulqa,
 )
 
-DATA = ROOT.parent / "shared" / "data" / "TruthfulQA.csv"
+DATA = TRUTHFULQA
 LEVELS = (0.5, 0.8)
 
 
@@ -51,16 +50,6 @@ def linear_macs(model: nn.Module) -> int:
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     # A tied lm_head is an nn.Linear sharing the embedding; counted once above as a module.
     return total
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prefill(model: nn.Module, ids: torch.Tensor):
