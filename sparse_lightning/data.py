@@ -5,7 +5,10 @@ A batch is a dict of tensors:
 * ``prompt_input_ids``, ``prompt_attention_mask``: ``(B, P)``, left-padded (ready for
   batched ``generate``);
 * ``answer_input_ids``, ``answer_attention_mask``: ``(B, A)``, right-padded reference answers
-  (used when the module's targets are ``"reference"``).
+  (used when the module's targets are ``"reference"``);
+* from :class:`QACollator` also the examples' texts for evaluation:
+  ``correct_answers``, ``choices``, ``choice_input_ids`` (lists) and ``label`` (``(B,)``, -1
+  without choices).
 
 Example:
     >>> batch = collate_token_ids([([5, 6], [7]), ([8], [9, 10])], pad_token_id=0)
@@ -15,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+from sparse_lightning.sources import load_examples
 
 #: The paper's prompt, used when the tokenizer has no chat template.
 PAPER_PROMPT = "Instruct: {question}\nOutput:"
@@ -33,29 +37,19 @@ SHARED_TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "T
 
 def load_truthfulqa(
     path: str | os.PathLike[str] = SHARED_TRUTHFULQA, rows: Sequence[int] | None = None
-) -> list[dict[str, str]]:
-    """Questions and best answers of the TruthfulQA CSV (columns Question, Best Answer).
+) -> list[dict[str, Any]]:
+    """TruthfulQA examples from its CSV, in the schema of :mod:`sparse_lightning.sources`.
 
     Args:
         path: the CSV file.
-        rows: row indices to keep, in order (``range(0, 100)``: the paper's evaluation set).
+        rows: row indices to keep, e.g. ``range(0, 100)`` (the paper's evaluation set).
 
     Returns:
-        ``[{"question": ..., "answer": ...}, ...]``.
+        ``[{"question", "answer", "correct_answers", "incorrect_answers", "choices",
+        "label"}, ...]``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"TruthfulQA CSV not found at {path}. Pass the path of TruthfulQA.csv "
-            "(columns Question, Best Answer), e.g. ../shared/data/TruthfulQA.csv."
-        )
-    with path.open(newline="", encoding="utf-8") as handle:
-        table = list(csv.DictReader(handle))
-    missing = {"Question", "Best Answer"} - set(table[0] if table else ())
-    if missing:
-        raise ValueError(f"{path} lacks the column(s) {sorted(missing)} of TruthfulQA.")
-    chosen = table if rows is None else [table[i] for i in rows]
-    return [{"question": r["Question"], "answer": r["Best Answer"]} for r in chosen]
+    examples = load_examples(path, "truthfulqa")
+    return examples if rows is None else [examples[i] for i in rows]
 
 
 def collate_token_ids(
@@ -112,17 +106,26 @@ class QACollator:
             )
         return self.prompt_format.format(question=question)
 
-    def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
+    def answer_ids(self, text: str) -> list[int]:
+        """Token ids of an answer as the model would write it after the prompt."""
+        # After "Output:" the model writes a space first; after a chat header it does not.
+        if text and self.prompt_format != "chat":
+            text = " " + text
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         chat = self.prompt_format == "chat"
         pairs = []
         for example in examples:
             prompt = self.tokenizer(
                 self.format_prompt(example["question"]), add_special_tokens=not chat
             )["input_ids"]
-            answer_text = example.get("answer") or ""
-            # After "Output:" the model writes a space first; after a chat header it does not.
-            answer_text = answer_text if chat or not answer_text else " " + answer_text
-            answer = self.tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+            answer = self.answer_ids(example.get("answer") or "")
             answer = [*answer[: self.max_answer_tokens - 1], self.tokenizer.eos_token_id]
             pairs.append((prompt, answer))
-        return collate_token_ids(pairs, self.pad_token_id)
+        batch: dict[str, Any] = collate_token_ids(pairs, self.pad_token_id)
+        batch["correct_answers"] = [list(e.get("correct_answers") or []) for e in examples]
+        batch["choices"] = [list(e.get("choices") or []) for e in examples]
+        batch["choice_input_ids"] = [[self.answer_ids(c) for c in cs] for cs in batch["choices"]]
+        batch["label"] = torch.tensor([int(e.get("label", -1)) for e in examples])
+        return batch

@@ -48,6 +48,7 @@ def load_model(
     source: str | os.PathLike[str],
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, object | None]:
     """Load a causal LM and its tokenizer from a hub name, a local folder or a GGUF file.
 
@@ -55,6 +56,7 @@ def load_model(
         source: hub name or local folder; a path to a ``.gguf`` file is split into folder + file.
         gguf_file: GGUF file name inside ``source`` (needs the ``gguf`` extra).
         dtype: dtype of the loaded weights (GGUF weights are dequantised to it).
+        trust_remote_code: run the model repository's own code (e.g. MobiLlama).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -69,7 +71,9 @@ def load_model(
         raise ImportError(
             f"Loading {gguf_file!r} needs the 'gguf' package: pip install 'sparse_lightning[gguf]'."
         )
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    kwargs: dict[str, object] = {"gguf_file": gguf_file} if gguf_file else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, **kwargs)
     except OSError as err:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -185,6 +185,15 @@ class SparseActivationModule(L.LightningModule):
         self.masking = None
         self.sparsity = SparsityConfig()
 
+    def dense(self) -> contextlib.AbstractContextManager[None]:
+        """Inside, the wrapped model runs dense; the sparsity comes back on exit.
+
+        Example:
+            >>> with module.dense():  # doctest: +SKIP
+            ...     reference = module.model(**inputs).logits
+        """
+        return self.masking.paused() if self.masking is not None else contextlib.nullcontext()
+
     def realized_sparsity(self, reset: bool = False) -> dict[str, float]:
         """What the forwards since the last reset really zeroed.
 
@@ -241,8 +250,7 @@ class SparseActivationModule(L.LightningModule):
     ) -> dict[str, tuple[list[Tensor], list[Tensor]]]:
         """Per layer ``(tokens, units, width)`` activations and loss gradients, dense model."""
         batch = batch.autograd_ready()
-        paused = self.masking.paused() if self.masking is not None else nullcontext()
-        with paused, ActivationCapture(self.architecture, kinds) as capture:
+        with self.dense(), ActivationCapture(self.architecture, kinds) as capture:
             with gradients_enabled():
                 with capture.record():
                     loss = self.answer_loss(batch)
@@ -276,14 +284,22 @@ class SparseActivationModule(L.LightningModule):
         return 0 if pad is None else int(pad)
 
     # ------------------------------------------------------------------------------ targets
-    def prepare_batch(self, batch: dict[str, Tensor]) -> TeacherForcedBatch:
+    def prepare_batch(
+        self, batch: dict[str, Tensor], targets: Targets | None = None
+    ) -> TeacherForcedBatch:
         """Turn a collated QA batch (see :mod:`sparse_lightning.data`) into prompt + answer.
+
+        Args:
+            batch: a collated batch.
+            targets: ``"dense"`` or ``"reference"``; the module's :attr:`targets` by default.
+                Dense answers come from the model as it is (sparse if sparsity is on).
 
         Raises:
             ValueError: the batch lacks the keys the targets need, or has no answer token.
         """
         _require(batch, ("prompt_input_ids", "prompt_attention_mask"))
-        if self.targets == "dense":
+        targets = self.targets if targets is None else targets
+        if targets == "dense":
             answers, answer_mask = self.generate_answers(
                 batch["prompt_input_ids"], batch["prompt_attention_mask"]
             )
@@ -310,7 +326,7 @@ class SparseActivationModule(L.LightningModule):
         )
         if tf.num_answer_tokens == 0:
             raise ValueError(
-                f"This batch has no answer tokens (targets={self.targets!r}), so there is no "
+                f"This batch has no answer tokens (targets={targets!r}), so there is no "
                 "loss to attribute. With targets='reference' give every example a non-empty "
                 "answer; with targets='dense' check that the model does not emit EOS at once "
                 "(prompt format / chat template)."
@@ -383,6 +399,22 @@ class SparseActivationModule(L.LightningModule):
             report = self.realized_sparsity(reset=True)
             self.log_dict({f"sparsity/{k}": v for k, v in report.items()}, batch_size=tokens)
         return {"loss": loss, "loss_sum": loss_sum, "batch": tf}
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """The dense reference of one evaluation batch: the dense model's greedy answers.
+
+        :class:`~sparse_lightning.evaluation.QAEvaluation` compares every sparsity setting
+        with it; the loss logged here is the dense model's on its own answers.
+
+        Returns:
+            ``{"batch": TeacherForcedBatch}`` of prompt + dense greedy answer.
+        """
+        with self.dense():
+            tf = self.prepare_batch(batch, targets="dense")
+            with torch.no_grad():
+                loss = self.answer_loss(tf) / tf.num_answer_tokens
+        self.log("dense_answer_loss", loss, batch_size=tf.num_answer_tokens, sync_dist=True)
+        return {"batch": tf}
 
 
 def _require(batch: dict[str, Tensor], keys: tuple[str, ...]) -> None:

@@ -78,6 +78,23 @@ def tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2):
     return model.eval()
 
 
+def char_tokenizer():
+    """A character-level tokenizer (76 ids, no download) that fits the tiny models' vocab."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for char in string.ascii_letters + string.digits + " .,?!'-:;\n+":
+        vocab.setdefault(char, len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
 def token_pairs(n: int = 6, seed: int = 1, answer_len: int = 4) -> list[tuple[list, list]]:
     """Random (prompt ids, answer ids) pairs of varying prompt length (ids avoid 0-2)."""
     g = torch.Generator().manual_seed(seed)

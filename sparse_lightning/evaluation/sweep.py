@@ -1,0 +1,143 @@
+"""Sweeps: metrics x sparsity levels x modes, written as JSON, CSV and a plot like the paper's.
+
+Example:
+    >>> settings = sweep_settings(["magnitude"], mlp=[0.5], heads=[0.0])
+    >>> [(s.mode, s.mlp, s.heads) for s in settings]
+    [('dynamic', 0.0, 0.0), ('magnitude', 0.5, 0.0)]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from sparse_lightning.evaluation.callback import QAEvaluation
+from sparse_lightning.evaluation.metrics import KEYS
+from sparse_lightning.sparsity import SparsityConfig
+
+#: Metrics drawn in the plot (all on a 0-100 scale there).
+PLOTTED = ("bleu_vs_dense", "rougeL", "f1", "top1_agreement", "mc_accuracy")
+#: Metrics kept as fractions in tables, shown x100 in the plot.
+FRACTIONS = ("top1_agreement", "mc_accuracy")
+
+
+def sweep_settings(
+    modes: Sequence[str],
+    mlp: Sequence[float],
+    heads: Sequence[float] = (0.0,),
+    metric: str = "corrected_gxo",
+) -> list[SparsityConfig]:
+    """The dense model first, then every mode at every (MLP, heads) level but (0, 0)."""
+    settings = [SparsityConfig()]
+    for mode in modes:
+        for h in heads:
+            for m in mlp:
+                if m or h:
+                    settings.append(SparsityConfig(mlp=m, heads=h, mode=mode, metric=metric))
+    return settings
+
+
+def run_sweep(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    settings: Sequence[SparsityConfig],
+    trainer: L.Trainer | None = None,
+    **evaluation: Any,
+) -> list[dict[str, Any]]:
+    """Evaluate every setting on the datamodule's evaluation split (one ``trainer.test``).
+
+    Args:
+        module: a :class:`~sparse_lightning.SparseActivationModule` with statistics loaded
+            (dynamic and static modes read them).
+        datamodule: e.g. :class:`~sparse_lightning.QADataModule`.
+        settings: from :func:`sweep_settings`.
+        trainer: a trainer to run on; a CPU trainer without logger by default. Its own
+            callbacks are kept; a :class:`QAEvaluation` is added.
+        **evaluation: passed to :class:`QAEvaluation` (``generation=False``, ...).
+
+    Returns:
+        One row per setting (see :attr:`QAEvaluation.results`).
+    """
+    callback = QAEvaluation(settings, **evaluation)
+    if trainer is None:
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.callbacks.append(callback)
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    finally:
+        trainer.callbacks.remove(callback)
+    return callback.results
+
+
+def save_table(
+    rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], metadata: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write ``<path>.json`` (rows + metadata) and ``<path>.csv`` (rows); returns both paths."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = path.with_suffix(".json"), path.with_suffix(".csv")
+    json_path.write_text(json.dumps({**metadata, "results": list(rows)}, indent=2) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return json_path, csv_path
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table: one row per setting, one column per metric present."""
+    keys = [k for k in KEYS if any(k in r for r in rows)]
+    head = ["mode", "MLP", "heads", "AR", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mode = "dense" if r["mlp"] == 0 and r["heads"] == 0 else r["mode"]
+        cells = [mode, f"{r['mlp']:.0%}", f"{r['heads']:.0%}", f"{r['activation_ratio']:.0%}"]
+        cells += [f"{r[k]:.3f}" if k in r else "—" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str) -> Path:
+    """Metric against activation ratio, one panel per mode and one line per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = [r for r in rows if r["mlp"] == 0 and r["heads"] == 0]
+    modes = list(dict.fromkeys(r["mode"] for r in rows if r not in dense))
+    fig, axes = plt.subplots(
+        1, max(1, len(modes)), figsize=(4.5 * max(1, len(modes)), 4), squeeze=False
+    )
+    for ax, mode in zip(axes[0], modes or ["dense"], strict=False):
+        points = sorted(
+            dense + [r for r in rows if r["mode"] == mode and r not in dense],
+            key=lambda r: r["activation_ratio"],
+        )
+        for key in PLOTTED:
+            have = [r for r in points if key in r]
+            if have:
+                scale = 100.0 if key in FRACTIONS else 1.0
+                ax.plot(
+                    [100 * r["activation_ratio"] for r in have],
+                    [scale * r[key] for r in have],
+                    marker="o",
+                    label=key,
+                )
+        ax.set(title=mode, xlabel="activation ratio (%)", ylabel="score (0-100)", ylim=(0, 102))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,118 @@
+"""The sparse-lightning command on a tiny saved model, every shipped recipe, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+from transformers import AutoModelForCausalLM
+
+from sparse_lightning.cli import build_parser, main
+from sparse_lightning.selectors import kept_count
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.config.eos_token_id = model.generation_config.eos_token_id = 1
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def options(folder: Path, tmp_path: Path) -> list[str]:
+    return [
+        f"--model.name={folder}",
+        "--model.max_new_tokens=4",
+        "--data.path=demo",
+        "--data.format=generic",
+        "--data.calibration_rows=[0,4]",
+        "--data.evaluation_rows=[32,36]",
+        "--data.batch_size=4",
+        f"--calibration.dirpath={tmp_path / 'ck'}",
+        "--calibration.run_name=tiny",
+        "--evaluation.modes=[magnitude,static]",
+        "--evaluation.mlp=[0.5]",
+        f"--evaluation.output_dir={tmp_path / 'results'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def test_sweep_writes_table_plot_logs_and_reuses_its_checkpoint(tiny_folder, tmp_path, capsys):
+    main(["sweep", *options(tiny_folder, tmp_path)])
+    out = tmp_path / "results" / "tiny"
+    table = json.loads((out / "table.json").read_text())
+    assert [(r["mode"], r["mlp"]) for r in table["results"]] == [
+        ("dynamic", 0.0),
+        ("magnitude", 0.5),
+        ("static", 0.5),
+    ]
+    assert table["results"][0]["bleu_vs_dense"] == pytest.approx(100.0)
+    assert "rows [32, 36)" in table["evaluation"] and "rows [0, 4)" in table["calibration"]
+    assert (out / "table.csv").read_text().count("\n") == 4
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((out / "logs").rglob("metrics.csv"))  # CSV logs by default
+    assert (tmp_path / "ck" / "tiny.safetensors").is_file()
+    capsys.readouterr()
+    main(["sweep", *options(tiny_folder, tmp_path)])
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_export_reloads_in_stock_transformers_with_fewer_neurons(tiny_folder, tmp_path):
+    main(["calibrate", *options(tiny_folder, tmp_path)])
+    target = tmp_path / "export"
+    main(
+        [
+            "export",
+            *options(tiny_folder, tmp_path),
+            "--export.mlp=0.5",
+            f"--export.output_dir={target}",
+        ]
+    )
+    exported = AutoModelForCausalLM.from_pretrained(target)
+    assert exported.config.intermediate_size == kept_count(37, 0.5)
+    with torch.no_grad():
+        logits = exported(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_evaluate_without_a_checkpoint_says_to_calibrate_first(tiny_folder, tmp_path):
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*tiny\.safetensors.*calibrate"):
+        main(["evaluate", *options(tiny_folder, tmp_path)])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(recipe):
+    config = build_parser().parse_args(["sweep", "--config", str(recipe)])
+    assert config.sweep.data.calibration_rows and config.sweep.evaluation.modes
+
+
+def test_unknown_recipe_key_names_the_key_the_file_and_the_fix(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("data:\n  batch_sise: 4\n")
+    with pytest.raises(SystemExit) as error:
+        main(["sweep", "--config", str(recipe)])
+    message = str(error.value)
+    assert "data.batch_sise" in message and "bad.yaml" in message and "--print_config" in message
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("--data.path=missing.csv", "not found: missing.csv"),
+        ("--data.columns={question: Frage}", "no column 'Frage'"),
+        ("--data.evaluation_rows=[40,40]", "evaluation split \\[40, 40\\) .* is empty"),
+    ],
+)
+def test_bad_data_fails_before_the_model_loads(tmp_path, option, expected):
+    # A model name that does not exist: the data error must come first.
+    argv = ["sweep", *options(tmp_path / "no-model", tmp_path), option]
+    with pytest.raises(SystemExit, match=expected):
+        main(argv)
