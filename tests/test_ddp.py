@@ -1,22 +1,25 @@
 """Two CPU processes (gloo) add up to the same sums as one process over the same data."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).with_name("ddp_calibrate.py")
+EVALUATE = Path(__file__).with_name("ddp_evaluate.py")
 
 
-def run(devices: int, out: Path) -> None:
+def run(devices: int, out: Path, script: Path = SCRIPT) -> None:
     # One thread per process in both runs: float32 reductions then happen in the same order, so
     # per-example activations are bit-identical and only the float64 sums' order differs.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(devices), str(out)],
+        [sys.executable, str(script), str(devices), str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -37,3 +40,19 @@ def test_two_processes_sum_to_the_single_process_statistics(tmp_path):
         # compute() is collective: both ranks hold the global sums.
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], expected, rtol=1e-5, atol=1e-12, msg=key)
+
+
+def test_two_processes_reduce_qa_metrics_to_the_single_process_values(tmp_path):
+    run(1, tmp_path, EVALUATE)
+    run(2, tmp_path, EVALUATE)
+    single = json.loads((tmp_path / "eval_devices1_rank0.json").read_text())
+    rank0 = json.loads((tmp_path / "eval_devices2_rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "eval_devices2_rank1.json").read_text())
+    assert len(single) == len(rank0) == 2
+    for expected, got0, got1 in zip(single, rank0, rank1, strict=True):
+        metric_keys = {"bleu_vs_dense", "sacrebleu", "rougeL", "f1", "top1_agreement", "kl"}
+        assert metric_keys <= set(expected)
+        for key in metric_keys | {"perplexity", "exact_match", "mc_accuracy"}:
+            # compute() is collective: both ranks hold the metric over all 8 questions.
+            assert got0[key] == got1[key], key
+            assert got0[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key

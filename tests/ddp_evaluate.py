@@ -1,0 +1,44 @@
+"""Evaluate a tiny model on N CPU processes (gloo) and save every rank's QA metrics.
+
+Run by tests/test_ddp.py as a script (Lightning's "ddp" strategy re-runs the launching script).
+
+    python tests/ddp_evaluate.py DEVICES OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+from conftest import char_tokenizer, tiny_model
+
+from sparse_lightning import QADataModule, QAEvaluation, SparseActivationModule, SparsityConfig
+
+
+def main(devices: int, out_dir: Path) -> None:
+    tokenizer = char_tokenizer()
+    model = tiny_model("llama")
+    model.config.eos_token_id = model.generation_config.eos_token_id = 1
+    module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=4)
+    # Batch size 1: every example is computed alone, whichever rank gets it.
+    data = QADataModule(
+        "demo", "generic", calibration_rows=(0, 1), evaluation_rows=(32, 40), batch_size=1
+    )
+    settings = [SparsityConfig(), SparsityConfig(mlp=0.5, heads=0.5, mode="magnitude")]
+    evaluation = QAEvaluation(settings)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        callbacks=[evaluation],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(module, datamodule=data, verbose=False)
+    path = out_dir / f"eval_devices{devices}_rank{trainer.global_rank}.json"
+    path.write_text(json.dumps(evaluation.results))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]))
