@@ -16,6 +16,40 @@ import torch
 TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
 
 
+def calibrated_checkpoint(model, tokenizer, rows: range, path: Path, batch_size: int = 8) -> Path:
+    """``path`` if it holds a readable checkpoint, else calibrate on TruthfulQA ``rows`` there.
+
+    Dense greedy answers (32 tokens), MLP neurons and heads, no IG: the library's defaults.
+    """
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from sparse_lightning import (
+        AttributionCalibration,
+        QACollator,
+        SparseActivationModule,
+        load_truthfulqa,
+    )
+    from sparse_lightning.checkpoint import CheckpointError, read_metadata
+
+    try:
+        read_metadata(path)
+        return path
+    except CheckpointError:
+        pass
+    print(f"calibrating on TruthfulQA rows {rows.start}-{rows.stop - 1} -> {path}")
+    questions = load_truthfulqa(TRUTHFULQA, rows=rows)
+    loader = DataLoader(questions, batch_size=batch_size, collate_fn=QACollator(tokenizer))
+    module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
+    callback = AttributionCalibration(
+        run_name=path.stem,
+        dirpath=path.parent,
+        dataset=f"TruthfulQA rows {rows.start}-{rows.stop - 1}",
+    )
+    L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
+    return path
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
     fn()

@@ -21,22 +21,24 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, machine_info, save_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TRUTHFULQA,
+    calibrated_checkpoint,
+    machine_info,
+    save_report,
+)
 from sparse_lightning import (  # noqa: E402
-    AttributionCalibration,
     QACollator,
     SparseActivationModule,
     load_demo_model,
     load_truthfulqa,
 )
-from sparse_lightning.checkpoint import CheckpointError, load_statistics  # noqa: E402
 
 DATA = TRUTHFULQA
 MLP_LEVELS = (0.5, 0.7, 0.8, 0.9)
@@ -57,18 +59,6 @@ def settings() -> list[tuple[str, str, float, float]]:
     ]
 
 
-def calibrate(model, tokenizer, rows: range, path: Path, batch_size: int) -> None:
-    questions = load_truthfulqa(DATA, rows=rows)
-    loader = DataLoader(questions, batch_size=batch_size, collate_fn=QACollator(tokenizer))
-    module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
-    callback = AttributionCalibration(
-        run_name=path.stem,
-        dirpath=path.parent,
-        dataset=f"TruthfulQA rows {rows.start}-{rows.stop - 1}",
-    )
-    L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=400, help="calibration questions from 400")
@@ -86,11 +76,9 @@ def main() -> None:
     checkpoint = (
         args.checkpoint or ROOT / "checkpoints" / f"smollm2-truthfulqa-{args.calib}.safetensors"
     )
-    try:
-        load_statistics(checkpoint)
-    except CheckpointError:
-        print(f"calibrating on TruthfulQA rows 400-{399 + args.calib} -> {checkpoint}")
-        calibrate(model, tokenizer, range(400, 400 + args.calib), checkpoint, args.batch_size)
+    calibrated_checkpoint(
+        model, tokenizer, range(400, 400 + args.calib), checkpoint, args.batch_size
+    )
     calibrated_at = time.time()
 
     module = SparseActivationModule.from_pretrained(

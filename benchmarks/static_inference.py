@@ -27,21 +27,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, machine_info, median_seconds, save_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    calibrated_checkpoint,
+    machine_info,
+    median_seconds,
+    save_report,
+)
 from sparse_lightning import (  # noqa: E402
-    AttributionCalibration,
-    QACollator,
     SparseActivationModule,
     load_demo_model,
-    load_truthfulqa,
 )
 
-DATA = TRUTHFULQA
 LEVELS = (0.5, 0.8)
 
 
@@ -75,22 +75,6 @@ def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
     return run
 
 
-def ensure_checkpoint(model, tokenizer, path: Path | None) -> Path:
-    if path is not None and path.is_file():
-        return path
-    path = ROOT / "checkpoints" / "smollm2-truthfulqa-static-bench.safetensors"
-    if path.is_file():
-        return path
-    questions = load_truthfulqa(DATA, rows=range(400, 432))
-    loader = DataLoader(questions, batch_size=8, collate_fn=QACollator(tokenizer))
-    module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
-    callback = AttributionCalibration(run_name=path.stem, dirpath=path.parent)
-    import lightning as L
-
-    L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -102,7 +86,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_demo_model()
-    checkpoint = ensure_checkpoint(model, tokenizer, args.checkpoint)
+    checkpoint = (
+        args.checkpoint or ROOT / "checkpoints" / "smollm2-truthfulqa-static-bench.safetensors"
+    )
+    calibrated_checkpoint(model, tokenizer, range(400, 432), checkpoint)
     ids = torch.randint(100, 40000, (8, 128))
     prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
     prompt = prompt["input_ids"]
@@ -162,7 +149,10 @@ def main() -> None:
         },
     }
     save_report(report, args.out)
-    print(f"dense: prefill {dense['prefill_s']:.2f} s, decode {32 / dense['decode_s']:.1f} tok/s")
+    print(
+        f"dense: prefill {dense['prefill_s']:.2f} s, "
+        f"decode {args.new_tokens / dense['decode_s']:.1f} tok/s"
+    )
     for r in rows:
         print(
             f"static {r['sparsity']:.0%}: bound {r['flop_bound']:.2f}x | prefill "

@@ -9,8 +9,7 @@ ranks by re-running the script that created the Trainer.
 import sys
 from pathlib import Path
 
-import lightning as L
-from conftest import loader_of, tiny_model, token_pairs
+from conftest import loader_of, quiet_trainer, tiny_model, token_pairs
 from safetensors.torch import save_file
 
 from sparse_lightning import AttributionCalibration, SparseActivationModule
@@ -18,15 +17,8 @@ from sparse_lightning import AttributionCalibration, SparseActivationModule
 
 def main(devices: int, out_dir: Path) -> None:
     callback = AttributionCalibration(ig_steps=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    strategy = "ddp" if devices > 1 else "auto"
+    trainer = quiet_trainer(devices=devices, strategy=strategy, callbacks=[callback])
     module = SparseActivationModule(tiny_model("llama"), targets="dense", max_new_tokens=5)
     # Batch size 1: every example is computed alone, whichever rank gets it.
     trainer.validate(module, loader_of(token_pairs(8), batch_size=1), verbose=False)

@@ -9,8 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, quiet_trainer, tiny_model
 
 from sparse_lightning import QADataModule, QAEvaluation, SparseActivationModule, SparsityConfig
 
@@ -26,15 +25,8 @@ def main(devices: int, out_dir: Path) -> None:
     )
     settings = [SparsityConfig(), SparsityConfig(mlp=0.5, heads=0.5, mode="magnitude")]
     evaluation = QAEvaluation(settings)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        callbacks=[evaluation],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    strategy = "ddp" if devices > 1 else "auto"
+    trainer = quiet_trainer(devices=devices, strategy=strategy, callbacks=[evaluation])
     trainer.test(module, datamodule=data, verbose=False)
     path = out_dir / f"eval_devices{devices}_rank{trainer.global_rank}.json"
     path.write_text(json.dumps(evaluation.results))
