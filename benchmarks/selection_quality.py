@@ -5,7 +5,7 @@ Protocol (issue 3): calibrate on TruthfulQA questions 400-799 (dense model's own
 through the sparse model, masks at every position, and at answer-predicting positions we
 measure top-1 agreement with the dense model and KL(dense || sparse).
 
-    python benchmarks/selection_quality.py                      # full run (~40 min on 2 CPU cores)
+    python benchmarks/selection_quality.py                      # full run (~56 min on 2 CPU cores)
     python benchmarks/selection_quality.py --eval 24 --calib 96 # quick look
 
 Prints a table and writes benchmarks/results/selection_quality.json (with machine info).
