@@ -275,8 +275,8 @@ def sweep(recipe: Recipe) -> Path:
         calibrate(recipe, module)
     rows, metadata = evaluate(recipe, module)
     title = (
-        f"{_model_label(recipe.model.name)}: eval {metadata['evaluation']}, calib {metadata['calibration']}, "
-        f"{metadata['date']}"
+        f"{_model_label(recipe.model.name)}: eval {metadata['evaluation']}, "
+        f"calib {metadata['calibration']}, {metadata['date']}"
     )
     figure = plot(rows, _output(recipe) / "plot.png", title)
     print(f"plot -> {figure}")
