@@ -14,6 +14,13 @@ import torch
 
 #: The shared TruthfulQA CSV beside the checkout.
 TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
+#: Where the speed benchmarks keep the checkpoint their static masks come from, and its rows.
+STATIC_CHECKPOINT = (
+    Path(__file__).resolve().parents[1]
+    / "checkpoints"
+    / "smollm2-truthfulqa-static-bench.safetensors"
+)
+STATIC_ROWS = range(400, 432)
 
 
 def calibrated_checkpoint(model, tokenizer, rows: range, path: Path, batch_size: int = 8) -> Path:

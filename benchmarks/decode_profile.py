@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import STATIC_CHECKPOINT, STATIC_ROWS, calibrated_checkpoint  # noqa: E402
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
@@ -30,13 +31,14 @@ MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--checkpoint", type=Path, default=ROOT / "checkpoints/smollm2-truthfulqa-400.safetensors"
-    )
+    parser.add_argument("--checkpoint", type=Path, default=None)
     args = parser.parse_args()
     model, tokenizer = load_demo_model()
+    checkpoint = calibrated_checkpoint(
+        model, tokenizer, STATIC_ROWS, args.checkpoint or STATIC_CHECKPOINT
+    )
     module = SparseActivationModule.from_pretrained(
-        model, args.checkpoint, 0.5, heads=0.5, mode="static", tokenizer=tokenizer
+        model, checkpoint, 0.5, heads=0.5, mode="static", tokenizer=tokenizer
     )
     compact = module.compact()
     module.disable_sparsity()

