@@ -38,6 +38,9 @@ class ArchitectureSpec:
         mlp_size: config attribute holding the MLP width (compaction rewrites it).
         separate_qkv: query, key and value are separate projections taking the head count
             from the config, so heads can be removed by slicing (compaction of heads).
+        mlp_gate_act: path from a layer to the activation of a gated MLP, whose neurons are
+            ``act(gate(x)) * up(x)`` with ``mlp_in = (gate, up)``; ``None`` for a plain MLP
+            (``act(fc1(x))``). ``mode="gate"`` decides from it before running ``up``.
     """
 
     layers: str
@@ -47,6 +50,7 @@ class ArchitectureSpec:
     attn_in: tuple[str, ...]
     mlp_size: str = "intermediate_size"
     separate_qkv: bool = True
+    mlp_gate_act: str | None = None
 
 
 _LLAMA = ArchitectureSpec(
@@ -55,6 +59,7 @@ _LLAMA = ArchitectureSpec(
     attn_out="self_attn.o_proj",
     mlp_in=("mlp.gate_proj", "mlp.up_proj"),
     attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    mlp_gate_act="mlp.act_fn",
 )
 
 #: ``model_type`` -> where its units are. Llama covers SmolLM/SmolLM2 and MobiLlama.
@@ -132,6 +137,7 @@ class ResolvedArchitecture:
     fingerprint: Fingerprint
     mlp_out_modules: tuple[nn.Module, ...]
     attn_out_modules: tuple[nn.Module, ...]
+    layers: tuple[nn.Module, ...] = ()
 
     @property
     def model_type(self) -> str:
@@ -202,7 +208,7 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
         head_dim=attn_width // num_heads,
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
     )
-    return ResolvedArchitecture(spec, fingerprint, mlp_out, attn_out)
+    return ResolvedArchitecture(spec, fingerprint, mlp_out, attn_out, tuple(layers))
 
 
 def _in_features(module: nn.Module) -> int:

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from sparse_lightning.architectures import UNIT_KINDS, ResolvedArchitecture
-from sparse_lightning.selectors import Selector
+from sparse_lightning.selectors import GateSelector, Selector
+from sparse_lightning.skipping import GateSkipping
 
 
 @contextmanager
@@ -146,23 +147,33 @@ class UnitMasking:
     """Zero the units a selector drops, at the input of the output projections.
 
     Installed on the wrapped model itself, so ``model(...)``, ``model.generate``, pipelines and
-    evaluation harnesses all run sparse. Counts what it zeroes (see :meth:`realized`).
+    evaluation harnesses all run sparse. Counts what it zeroes (see :meth:`realized`). A
+    :class:`~sparse_lightning.selectors.GateSelector` decides before the MLP's projections run,
+    so its layers get :class:`~sparse_lightning.skipping.GateSkipping` instead of a hook.
 
     Args:
         architecture: the resolved model.
         selectors: unit kind -> selector; kinds left out stay dense.
+
+    Attributes:
+        gather: with a gate selector, cut the projections to the kept neurons on single-token
+            forwards (default). ``False`` computes densely and masks: the reference.
     """
 
     def __init__(self, architecture: ResolvedArchitecture, selectors: dict[str, Selector]) -> None:
         self.architecture = architecture
         self.selectors = selectors
         self.enabled = True
-        self.counts = {kind: [0, 0] for kind in selectors}  # zeroed, seen (unit-tokens)
-        self._handles: list[RemovableHandle] = []
-        for kind in selectors:
+        self.gather = True
+        self.counts: dict[str, Tensor | None] = dict.fromkeys(selectors)
+        self._handles: list[RemovableHandle | GateSkipping] = []
+        for kind, selector in selectors.items():
             for layer, module in enumerate(architecture.out_modules(kind)):
-                hook = self._make_hook(kind, layer)
-                self._handles.append(module.register_forward_pre_hook(hook))
+                if isinstance(selector, GateSelector):
+                    self._handles.append(GateSkipping(self, architecture, layer, selector))
+                else:
+                    hook = self._make_hook(kind, layer)
+                    self._handles.append(module.register_forward_pre_hook(hook))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -178,12 +189,28 @@ class UnitMasking:
         finally:
             self.enabled = previous
 
+    def count(self, kind: str, zeroed: Tensor, seen: int) -> None:
+        """Add ``zeroed`` of ``seen`` unit-tokens to the realized sparsity of ``kind``.
+
+        The tally is a tensor on the activations' device, so counting neither waits for a GPU
+        nor changes a Python number that a ``torch.compile`` graph would be specialised on.
+        """
+        tally = self.counts[kind]
+        if tally is None or tally.device != zeroed.device:
+            tally = self.counts[kind] = torch.zeros(2, dtype=torch.long, device=zeroed.device)
+        tally[0] += zeroed
+        tally[1] += seen
+
     def reset_counts(self) -> None:
-        self.counts = {kind: [0, 0] for kind in self.selectors}
+        self.counts = dict.fromkeys(self.selectors)
 
     def realized(self) -> dict[str, float]:
         """Fraction of unit-tokens zeroed per kind since the last :meth:`reset_counts`."""
-        return {kind: (z / n if n else 0.0) for kind, (z, n) in self.counts.items()}
+        out = {}
+        for kind, tally in self.counts.items():
+            zeroed, seen = (0, 0) if tally is None else tally.tolist()
+            out[kind] = zeroed / seen if seen else 0.0
+        return out
 
     def _make_hook(self, kind: str, layer: int):
         units = self.architecture.units(kind)
@@ -197,9 +224,8 @@ class UnitMasking:
             view = x.reshape(-1, units, width)
             keep = selector.keep(layer, view)
             tokens = view.shape[0]
-            kept = int(keep.sum()) * (tokens if keep.dim() == 1 else 1)
-            self.counts[kind][0] += tokens * units - kept
-            self.counts[kind][1] += tokens * units
+            kept = keep.sum() * (tokens if keep.dim() == 1 else 1)
+            self.count(kind, zeroed=tokens * units - kept, seen=tokens * units)
             masked = view * keep.unsqueeze(-1).to(x.dtype)
             return (masked.reshape(x.shape), *args[1:])
 

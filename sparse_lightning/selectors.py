@@ -15,6 +15,9 @@ dynamic        per token, keep units whose ``||a||`` reaches the layer's calibra
                target. One comparison per unit replaces a sort.
 static         one fixed set per layer: the ``k`` units of highest mean calibrated score
 oracle         per token, the ``k`` units of highest score from that sequence's own gradients
+gate           MLP: per token, the ``k`` neurons of largest gate activation ``|act(x W_gate)|``,
+               known before the up projection runs, so decode can skip the rest's work
+               (:mod:`~sparse_lightning.skipping`); heads as ``magnitude``
 =============  =================================================================================
 
 Example:
@@ -34,7 +37,7 @@ from torch import Tensor
 from sparse_lightning.attribution import functional as F
 from sparse_lightning.attribution.statistics import UnitStatistics
 
-MODES = ("dynamic", "magnitude", "static", "oracle")
+MODES = ("dynamic", "magnitude", "static", "oracle", "gate")
 #: Metrics an oracle can score per token from one backward (IG would need n of them).
 ORACLE_METRICS = ("magnitude", "gradient", "gxo", "snip", "fisher", "corrected_gxo")
 
@@ -67,6 +70,18 @@ class MagnitudeSelector(Selector):
 
     def keep(self, layer: int, units: Tensor) -> Tensor:
         return top_k_mask(F.magnitude(units), self.k)
+
+
+class GateSelector(MagnitudeSelector):
+    """Per-token top-k by the gate activation (the activation itself in a plain MLP).
+
+    :class:`~sparse_lightning.skipping.GateSkipping` feeds it ``act(x W_gate)`` instead of
+    the neuron activation; :meth:`keep_index` serves the single-token path that gathers.
+    """
+
+    def keep_index(self, layer: int, gate: Tensor) -> Tensor:
+        """Indices of the ``k`` kept neurons of one token's ``(U,)`` gate activation."""
+        return gate.abs().topk(self.k).indices
 
 
 class DynamicSelector(Selector):

@@ -10,6 +10,7 @@ from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.selectors import (
     MODES,
     DynamicSelector,
+    GateSelector,
     MagnitudeSelector,
     OracleSelector,
     Selector,
@@ -24,7 +25,8 @@ class SparsityConfig:
     Attributes:
         mlp: fraction of MLP neurons zeroed per layer, in [0, 1).
         heads: fraction of attention heads zeroed per layer, in [0, 1).
-        mode: ``"dynamic"`` (default), ``"magnitude"``, ``"static"`` or ``"oracle"``.
+        mode: ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or
+            ``"gate"`` (see :mod:`~sparse_lightning.selectors`).
         metric: calibrated metric ranking units for ``static`` and ``oracle``.
     """
 
@@ -64,7 +66,9 @@ def build_selectors(
         if sparsity == 0.0:
             continue
         units = architecture.units(kind)
-        if config.mode == "magnitude":
+        if config.mode == "gate" and kind == "mlp":
+            selectors[kind] = GateSelector(sparsity, units)
+        elif config.mode in ("magnitude", "gate"):
             selectors[kind] = MagnitudeSelector(sparsity, units)
         elif config.mode == "oracle":
             selectors[kind] = OracleSelector(sparsity, units, config.metric)

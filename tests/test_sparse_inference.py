@@ -9,7 +9,7 @@ from conftest import ARCH_TYPES, calibrate, loader_of, quiet_trainer, tiny_model
 from sparse_lightning import SparseActivationModule
 from sparse_lightning.module import TeacherForcedBatch
 
-MODES = ("dynamic", "magnitude", "static", "oracle")
+MODES = ("dynamic", "magnitude", "static", "oracle", "gate")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,163 @@
+"""Skipping the work of dropped MLP neurons at batch-1 decode (``mode="gate"``).
+
+Masking multiplies dropped neurons by zero and saves nothing. In ``gate`` mode the neurons
+kept for a token are decided from the gate activation alone, so the projections can be cut to
+the kept neurons before they run:
+
+* gated MLPs (Llama, Mistral, Qwen2): ``g = act(x W_gate^T)`` densely; keep the ``k`` largest
+  ``|g|``; ``u = x W_up[keep]^T``; ``y = (g[keep] * u) W_down[:, keep]^T``. The up and down
+  projections do ``k / U`` of their work.
+* plain MLPs (Phi, GPT-2, GPT-NeoX, OPT): the activation is the gate, so it is computed densely
+  and only the output projection is cut to the kept columns.
+
+The cut path runs when a forward carries one token (batch-1 decode with a KV cache): up rows
+are gathered with ``index_select``, and the output projection reads the kept rows of its
+transposed weight through ``embedding_bag``, which copies nothing. To make those rows
+contiguous the output projection's weight is stored transposed while skipping is installed
+(the same values, no extra memory; restored by :meth:`GateSkipping.remove`). Forwards with
+several tokens (prefill, batched decode) keep a different set per token, so they compute
+densely and mask: that is also the reference the cut path must equal.
+
+Example:
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from sparse_lightning import SparseActivationModule
+    >>> model = AutoModelForCausalLM.from_config(LlamaConfig(
+    ...     vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2))
+    >>> module = SparseActivationModule(model)
+    >>> _ = module.set_sparsity(mlp=0.5, mode="gate")
+    >>> with torch.no_grad():
+    ...     cut = module.model(torch.tensor([[7]])).logits
+    ...     module.masking.gather = False  # the masked reference
+    ...     masked = module.model(torch.tensor([[7]])).logits
+    >>> bool((cut - masked).abs().max() < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparse_lightning.architectures import ResolvedArchitecture
+from sparse_lightning.selectors import GateSelector
+
+if TYPE_CHECKING:
+    from sparse_lightning.hooks import UnitMasking
+
+
+class GateSkipping:
+    """Replaces one layer's MLP computation by the gate-first path; a removable handle.
+
+    Gated MLPs get a new ``forward`` on the MLP module; plain MLPs on the output projection
+    (OPT has no MLP module). Either way the module's parameters and state dict are unchanged.
+
+    Args:
+        masking: the owner; supplies ``enabled``, ``gather`` and the counts.
+        architecture: the resolved model.
+        layer: decoder layer index.
+        selector: the rule choosing the kept neurons from the gate activation.
+    """
+
+    def __init__(
+        self,
+        masking: UnitMasking,
+        architecture: ResolvedArchitecture,
+        layer: int,
+        selector: GateSelector,
+    ) -> None:
+        spec = architecture.spec
+        decoder_layer = architecture.layers[layer]
+        self.masking, self.layer, self.selector = masking, layer, selector
+        self.units = architecture.mlp_units
+        self.out_proj = decoder_layer.get_submodule(spec.mlp_out)
+        self._relaid = _store_neuron_rows(self.out_proj)
+        if spec.mlp_gate_act is not None:
+            self.gate = decoder_layer.get_submodule(spec.mlp_in[0])
+            self.up = decoder_layer.get_submodule(spec.mlp_in[1])
+            self.act = decoder_layer.get_submodule(spec.mlp_gate_act)
+            self.target = decoder_layer.get_submodule(spec.mlp_out.rsplit(".", 1)[0])
+            forward: Callable[[Tensor], Tensor] = self._gated_forward
+        else:
+            self.target = self.out_proj
+            forward = self._plain_forward
+        self._original = self.target.forward
+        self.target.forward = forward  # an instance attribute shadows the class method
+
+    def remove(self) -> None:
+        """Put the original forward and weight layout back."""
+        if self.target.__dict__.get("forward") is not None:
+            del self.target.forward
+        if self._relaid:
+            self.out_proj.weight.data = self.out_proj.weight.data.contiguous()
+            self._relaid = False
+
+    # ------------------------------------------------------------------------------ paths
+    def _gated_forward(self, x: Tensor) -> Tensor:
+        if not self.masking.enabled:
+            return self._original(x)
+        g = self.act(self.gate(x))
+        flat = g.reshape(-1, self.units)
+        if self.masking.gather and flat.shape[0] == 1:
+            index = self._kept_index(flat)
+            up_bias = None if self.up.bias is None else self.up.bias.index_select(0, index)
+            u = F.linear(x.reshape(1, -1), self.up.weight.index_select(0, index), up_bias)
+            return self._cut_out_proj(index, g.reshape(-1).index_select(0, index) * u[0], x)
+        keep = self._kept_mask(flat).reshape(g.shape)
+        return self.out_proj(g * self.up(x) * keep)
+
+    def _plain_forward(self, a: Tensor) -> Tensor:
+        if not self.masking.enabled:
+            return self._original(a)
+        flat = a.reshape(-1, self.units)
+        if self.masking.gather and flat.shape[0] == 1:
+            index = self._kept_index(flat)
+            return self._cut_out_proj(index, flat[0].index_select(0, index), a)
+        return self._original(a * self._kept_mask(flat).reshape(a.shape))
+
+    # ---------------------------------------------------------------------------- helpers
+    def _kept_index(self, flat: Tensor) -> Tensor:
+        """Sorted indices of the kept neurons of a single token (sorted: sequential reads)."""
+        index = self.selector.keep_index(self.layer, flat[0]).sort().values
+        zeroed = torch.full((), self.units - index.numel(), device=index.device)
+        self.masking.count("mlp", zeroed=zeroed, seen=self.units)
+        return index
+
+    def _kept_mask(self, flat: Tensor) -> Tensor:
+        keep = self.selector.keep(self.layer, flat.unsqueeze(-1))
+        self.masking.count("mlp", zeroed=(~keep).sum(), seen=keep.numel())
+        return keep.to(flat.dtype)
+
+    def _cut_out_proj(self, index: Tensor, weights: Tensor, like: Tensor) -> Tensor:
+        """``sum_i weights_i * W_out[:, index_i] + bias`` reading only the kept rows."""
+        rows = _neuron_rows(self.out_proj)
+        y = F.embedding_bag(
+            index.unsqueeze(0), rows, per_sample_weights=weights.unsqueeze(0), mode="sum"
+        )
+        if self.out_proj.bias is not None:
+            y = y + self.out_proj.bias
+        return y.reshape(*like.shape[:-1], rows.shape[1]).to(like.dtype)
+
+
+def _neuron_rows(module: nn.Module) -> Tensor:
+    """The output projection's weight as ``(neurons, hidden)``: one row per neuron."""
+    if isinstance(module, nn.Linear):
+        return module.weight.t()
+    return module.weight  # transformers' Conv1D (GPT-2) stores (in_features, out_features)
+
+
+def _store_neuron_rows(module: nn.Module) -> bool:
+    """Store an ``nn.Linear`` weight transposed so that :func:`_neuron_rows` is contiguous.
+
+    Returns whether the layout changed (and must be restored).
+    """
+    if not isinstance(module, nn.Linear) or module.weight.t().is_contiguous():
+        return False
+    with torch.no_grad():
+        module.weight.data = module.weight.data.t().contiguous().t()
+    return True
