@@ -68,6 +68,68 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def greedy_decode(
+    model, prompt: torch.Tensor, new_tokens: int, compiled: bool = False
+) -> Callable[[], torch.Tensor]:
+    """A closure running batch-1 greedy ``generate`` of exactly ``new_tokens``; returns logits.
+
+    ``compiled=True`` is transformers' own compiled decoding: a static KV cache and the decode
+    step through ``torch.compile`` (prefill stays eager). transformers does this by itself on
+    GPUs only; ``_compile_all_devices`` is its switch for CPUs. The first call compiles.
+    """
+    from transformers import CompileConfig
+
+    extra: dict[str, object] = {}
+    if compiled:
+        config = CompileConfig(mode="default")
+        config._compile_all_devices = True
+        extra = {"cache_implementation": "static", "compile_config": config}
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **extra,
+            )
+        return torch.cat(out.logits)
+
+    return run
+
+
+def paired_ratio(
+    baseline: Callable[[], object],
+    candidate: Callable[[], object],
+    repeats: int,
+    prepare: tuple[Callable[[], object], Callable[[], object]] | None = None,
+) -> tuple[float, float, float]:
+    """Median of baseline/candidate time ratios timed back to back, and both median times.
+
+    Alternating the two within each repetition lets a slow spell on a shared machine hit
+    both sides. ``prepare`` (untimed) runs before each side, e.g. to switch a mode on or off.
+    """
+    sides = ((baseline, []), (candidate, []))
+    before = prepare or (lambda: None, lambda: None)
+    for (run, _), setup in zip(sides, before, strict=True):
+        setup()
+        run()  # warm-up
+    for _ in range(repeats):
+        for (run, times), setup in zip(sides, before, strict=True):
+            setup()
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    base, cand = sides[0][1], sides[1][1]
+    ratios = [b / c for b, c in zip(base, cand, strict=True)]
+    return statistics.median(ratios), statistics.median(base), statistics.median(cand)
+
+
 def machine_info() -> dict[str, object]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()

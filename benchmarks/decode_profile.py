@@ -1,9 +1,11 @@
 """Where batch-1 decode time goes: matrix multiplies versus everything else (issue 5, item 3).
 
-Profiles 32 greedy decode steps of dense SmolLM2-135M-Instruct and of its compacted static-mask
-model (50% of MLP neurons, heads group-balanced) with ``torch.profiler`` and prints the share of
-CPU time spent in matrix multiplies. The rest does not shrink with compaction, which caps the
-decode speedup below the linear-layer FLOP bound (see the README's Performance section).
+Profiles 32 greedy decode steps of dense SmolLM2-135M-Instruct, of its compacted static-mask
+model (50% of MLP neurons, heads group-balanced) and of ``mode="gate"`` at 50% of MLP neurons
+with ``torch.profiler``, and prints the share of CPU time spent in matrix multiplies and the
+top operators. The rest does not shrink with compaction, which caps the decode speedup below
+the linear-layer FLOP bound; the gate path's gathers and top-k cost what its smaller matrix
+multiplies save (see the README's Performance section).
 
     python benchmarks/decode_profile.py [--checkpoint PATH]
 """
@@ -43,7 +45,10 @@ def main() -> None:
     compact = module.compact()
     module.disable_sparsity()
     ids = tokenizer("The lighthouse keeper climbed the stairs and", return_tensors="pt")
-    for name, net in (("dense", module.model), ("compacted 50%", compact)):
+    for name, net in (("dense", module.model), ("compacted 50%", compact), ("gate 50%", None)):
+        if net is None:
+            module.set_sparsity(mlp=0.5, heads=0.0, mode="gate")
+            net = module.model
         with torch.no_grad():
             net.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -55,6 +60,8 @@ def main() -> None:
             f"{name}: {total:.0f} ms CPU, matrix multiplies {matmul:.0f} ms "
             f"({matmul / total:.0%}), other {total - matmul:.0f} ms"
         )
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        print("  " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in top))
 
 
 if __name__ == "__main__":

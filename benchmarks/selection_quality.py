@@ -7,6 +7,8 @@ measure top-1 agreement with the dense model and KL(dense || sparse).
 
     python benchmarks/selection_quality.py                      # full run (~56 min on 2 CPU cores)
     python benchmarks/selection_quality.py --eval 24 --calib 96 # quick look
+    python benchmarks/selection_quality.py --selectors magnitude gate \
+        --out benchmarks/results/selection_quality_gate.json     # some selectors only
 
 Prints a table and writes benchmarks/results/selection_quality.json (with machine info).
 """
@@ -46,14 +48,16 @@ HEAD_LEVELS = (0.0, 0.5)
 ORACLE_METRICS = ("magnitude", "gxo", "snip", "corrected_gxo")
 
 
-def settings() -> list[tuple[str, str, float, float]]:
-    """(label, mode, metric) x MLP x heads sparsity."""
+def settings(selectors: list[str] | None = None) -> list[tuple[str, str, str, float, float]]:
+    """(label, mode, metric) x MLP x heads sparsity, for the ``selectors`` labels (or all)."""
     modes = [("magnitude", "magnitude", "corrected_gxo"), ("dynamic", "dynamic", "corrected_gxo")]
+    modes.append(("gate", "gate", "corrected_gxo"))
     modes.append(("static corrected_gxo", "static", "corrected_gxo"))
     modes += [(f"oracle {m}", "oracle", m) for m in ORACLE_METRICS]
     return [
         (label, mode, metric, mlp, heads)
         for label, mode, metric in modes
+        if selectors is None or label in selectors
         for heads in HEAD_LEVELS
         for mlp in MLP_LEVELS
     ]
@@ -66,9 +70,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument(
+        "--selectors",
+        nargs="+",
+        choices=[label for label, *_ in settings()[:: len(MLP_LEVELS) * len(HEAD_LEVELS)]],
+        default=None,
+        help="labels to run (default: all)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_quality.json"
     )
     args = parser.parse_args()
+    chosen = settings(args.selectors)
     torch.manual_seed(0)
     started = time.time()
 
@@ -88,9 +100,7 @@ def main() -> None:
     questions = load_truthfulqa(DATA, rows=range(args.eval))
     loader = DataLoader(questions, batch_size=args.batch_size, collate_fn=collate)
 
-    results = {
-        label_key(s): {"agree": 0.0, "kl": 0.0, "tokens": 0, "zeroed": []} for s in settings()
-    }
+    results = {label_key(s): {"agree": 0.0, "kl": 0.0, "tokens": 0, "zeroed": []} for s in chosen}
     for index, raw in enumerate(loader):
         module.disable_sparsity()
         batch = module.prepare_batch(raw)  # the dense model's own greedy answers
@@ -105,8 +115,9 @@ def main() -> None:
             )
         dense_logp = torch.log_softmax(dense.logits[positions].float(), -1)
         dense_top = dense_logp.argmax(-1)
-        units = module.dense_units_and_gradients(batch)
-        for setting in settings():
+        needs_oracle = any(mode == "oracle" for _, mode, *_ in chosen)
+        units = module.dense_units_and_gradients(batch) if needs_oracle else None
+        for setting in chosen:
             label, mode, metric, mlp, heads = setting
             module.set_sparsity(mlp=mlp, heads=heads, mode=mode, metric=metric)
             if mode == "oracle":
@@ -126,7 +137,7 @@ def main() -> None:
         print(f"batch {index + 1}/{len(loader)} done ({time.time() - started:.0f} s)", flush=True)
 
     table = []
-    for setting in settings():
+    for setting in chosen:
         label, mode, metric, mlp, heads = setting
         row = results[label_key(setting)]
         zeroed = row.pop("zeroed")

@@ -4,11 +4,13 @@ SmolLM2-135M-Instruct, float32, CPU. For static masks at 50% and 80% of MLP neur
 (heads group-balanced for GQA), the compacted stock model's
 
 * prefill time of a batch of 8 x 128 tokens, and
-* batch-1 greedy decode tokens/s (32 new tokens),
+* batch-1 greedy decode tokens/s (32 new tokens), eager and compiled (static KV cache and
+  ``torch.compile`` of the decode step, transformers' own compiled generation),
 
-against the dense model in the same run, next to the FLOP bound (dense / compact multiply-adds
-of all linear layers per token, lm_head included). Also the forward time of a module loaded at
-sparsity 0 against the plain model (no hooks are installed at 0).
+against the dense model in the same run (alternating, median of per-repetition ratios), next
+to the FLOP bound (dense / compact multiply-adds of all linear layers per token, lm_head
+included). Also the forward time of a module loaded at sparsity 0 against the plain model (no
+hooks are installed at 0).
 
     python benchmarks/static_inference.py [--repeats 5] [--checkpoint PATH]
 
@@ -35,8 +37,9 @@ from benchmarks.common import (  # noqa: E402
     STATIC_CHECKPOINT,
     STATIC_ROWS,
     calibrated_checkpoint,
+    greedy_decode,
     machine_info,
-    median_seconds,
+    paired_ratio,
     save_report,
 )
 from sparse_lightning import (  # noqa: E402
@@ -62,21 +65,6 @@ def prefill(model: nn.Module, ids: torch.Tensor):
     return run
 
 
-def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
-    def run() -> None:
-        with torch.no_grad():
-            model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -95,11 +83,7 @@ def main() -> None:
     prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
     prompt = prompt["input_ids"]
 
-    dense = {
-        "prefill_s": median_seconds(prefill(model, ids), args.repeats),
-        "decode_s": median_seconds(decode(model, prompt, args.new_tokens), args.repeats),
-        "linear_macs": linear_macs(model),
-    }
+    dense_macs = linear_macs(model)
     rows = []
     for level in LEVELS:
         module = SparseActivationModule.from_pretrained(
@@ -107,31 +91,40 @@ def main() -> None:
         )
         small = module.compact()
         module.disable_sparsity()
-        t_prefill = median_seconds(prefill(small, ids), args.repeats)
-        t_decode = median_seconds(decode(small, prompt, args.new_tokens), args.repeats)
-        bound = dense["linear_macs"] / linear_macs(small)
-        prefill_speedup = dense["prefill_s"] / t_prefill
-        decode_speedup = dense["decode_s"] / t_decode
-        rows.append(
-            {
-                "sparsity": level,
-                "mlp_units_kept": small.config.intermediate_size,
-                "heads_kept": small.config.num_attention_heads,
-                "flop_bound": bound,
-                "prefill_s": t_prefill,
-                "prefill_speedup": prefill_speedup,
-                "prefill_share_of_bound": prefill_speedup / bound,
-                "decode_tokens_per_s": args.new_tokens / t_decode,
-                "decode_speedup": decode_speedup,
-                "decode_share_of_bound": decode_speedup / bound,
-            }
+        bound = dense_macs / linear_macs(small)
+        prefill_speedup, dense_prefill_s, prefill_s = paired_ratio(
+            prefill(model, ids), prefill(small, ids), args.repeats
         )
+        row = {
+            "sparsity": level,
+            "mlp_units_kept": small.config.intermediate_size,
+            "heads_kept": small.config.num_attention_heads,
+            "flop_bound": bound,
+            "dense_prefill_s": dense_prefill_s,
+            "prefill_s": prefill_s,
+            "prefill_speedup": prefill_speedup,
+            "prefill_share_of_bound": prefill_speedup / bound,
+        }
+        for name, compiled in (("eager", False), ("compiled", True)):
+            speedup, dense_s, small_s = paired_ratio(
+                greedy_decode(model, prompt, args.new_tokens, compiled),
+                greedy_decode(small, prompt, args.new_tokens, compiled),
+                args.repeats,
+            )
+            row[f"decode_{name}"] = {
+                "dense_tokens_per_s": args.new_tokens / dense_s,
+                "tokens_per_s": args.new_tokens / small_s,
+                "speedup": speedup,
+                "share_of_bound": speedup / bound,
+            }
+        rows.append(row)
 
     wrapped = SparseActivationModule.from_pretrained(
         model, checkpoint, 0.0, tokenizer=tokenizer
     ).model
-    plain = median_seconds(prefill(model, ids), args.repeats)
-    at_zero = median_seconds(prefill(wrapped, ids), args.repeats)
+    overhead, at_zero, plain = paired_ratio(
+        prefill(wrapped, ids), prefill(model, ids), args.repeats
+    )
 
     report = {
         "benchmark": "static_inference",
@@ -141,27 +134,26 @@ def main() -> None:
         "repeats": args.repeats,
         "prefill_shape": list(ids.shape),
         "decode_new_tokens": args.new_tokens,
-        "dense": {**dense, "decode_tokens_per_s": args.new_tokens / dense["decode_s"]},
+        "dense_linear_macs_per_token": dense_macs,
         "compacted": rows,
         "overhead_at_sparsity_0": {
             "plain_s": plain,
             "wrapped_s": at_zero,
-            "ratio": at_zero / plain,
+            "ratio": overhead,
         },
     }
     save_report(report, args.out)
-    print(
-        f"dense: prefill {dense['prefill_s']:.2f} s, "
-        f"decode {args.new_tokens / dense['decode_s']:.1f} tok/s"
-    )
     for r in rows:
+        eager, compiled = r["decode_eager"], r["decode_compiled"]
         print(
             f"static {r['sparsity']:.0%}: bound {r['flop_bound']:.2f}x | prefill "
             f"{r['prefill_speedup']:.2f}x ({r['prefill_share_of_bound']:.0%} of bound) | decode "
-            f"{r['decode_tokens_per_s']:.1f} tok/s {r['decode_speedup']:.2f}x "
-            f"({r['decode_share_of_bound']:.0%} of bound)"
+            f"eager {eager['speedup']:.2f}x ({eager['share_of_bound']:.0%}; "
+            f"{eager['dense_tokens_per_s']:.1f} -> {eager['tokens_per_s']:.1f} tok/s), compiled "
+            f"{compiled['speedup']:.2f}x ({compiled['share_of_bound']:.0%}; "
+            f"{compiled['dense_tokens_per_s']:.1f} -> {compiled['tokens_per_s']:.1f} tok/s)"
         )
-    print(f"sparsity 0 wrapper: {at_zero / plain:.3f}x the plain model's forward time")
+    print(f"sparsity 0 wrapper: {overhead:.3f}x the plain model's forward time")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class EvaluationOptions:
     """Which sparsity settings to evaluate and what to measure.
 
     Attributes:
-        modes: selection modes (``dynamic``, ``magnitude``, ``static``, ``oracle``).
+        modes: selection modes (``dynamic``, ``magnitude``, ``static``, ``oracle``, ``gate``).
         mlp: MLP sparsity levels.
         heads: head sparsity levels.
         metric: ranking metric of ``static`` and ``oracle``.

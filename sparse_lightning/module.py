@@ -135,7 +135,8 @@ class SparseActivationModule(L.LightningModule):
             sparsity: fraction of units zeroed, for MLP neurons and heads alike.
             mlp: MLP fraction, overriding ``sparsity``.
             heads: head fraction, overriding ``sparsity``.
-            mode: ``"dynamic"``, ``"magnitude"``, ``"static"`` or ``"oracle"``.
+            mode: ``"dynamic"``, ``"magnitude"``, ``"static"``, ``"oracle"`` or ``"gate"``
+                (see :mod:`~sparse_lightning.selectors`).
             metric: ranking metric of ``static`` and ``oracle``.
             **kwargs: passed to the constructor (``tokenizer``, ``targets``, ...).
 

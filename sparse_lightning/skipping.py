@@ -5,18 +5,21 @@ kept for a token are decided from the gate activation alone, so the projections 
 the kept neurons before they run:
 
 * gated MLPs (Llama, Mistral, Qwen2): ``g = act(x W_gate^T)`` densely; keep the ``k`` largest
-  ``|g|``; ``u = x W_up[keep]^T``; ``y = (g[keep] * u) W_down[:, keep]^T``. The up and down
-  projections do ``k / U`` of their work.
+  ``|g|``; ``u = x W_up[keep]^T``; ``y = (g[keep] * u) W_down[:, keep]^T``.
 * plain MLPs (Phi, GPT-2, GPT-NeoX, OPT): the activation is the gate, so it is computed densely
   and only the output projection is cut to the kept columns.
 
-The cut path runs when a forward carries one token (batch-1 decode with a KV cache): up rows
-are gathered with ``index_select``, and the output projection reads the kept rows of its
-transposed weight through ``embedding_bag``, which copies nothing. To make those rows
-contiguous the output projection's weight is stored transposed while skipping is installed
-(the same values, no extra memory; restored by :meth:`GateSkipping.remove`). Forwards with
-several tokens (prefill, batched decode) keep a different set per token, so they compute
-densely and mask: that is also the reference the cut path must equal.
+The cut path runs when a forward carries one token (batch-1 decode with a KV cache). The
+output projection reads the kept rows of its transposed weight through ``embedding_bag``,
+which copies nothing; to make those rows contiguous its weight is stored transposed while
+skipping is installed (the same values, no extra memory; restored by
+:meth:`GateSkipping.remove`). The up projection has no such primitive: its kept rows must be
+copied out (``index_select``) before the matrix-vector product, which reads them twice and
+writes them once. That only beats the dense product when under a third of the neurons are kept
+(:data:`GATHER_UP_BELOW`, measured on 2 CPU cores); above it the up projection runs densely and
+only its kept entries are used. Forwards with several tokens (prefill, batched decode) keep a
+different set per token, so they compute densely and mask: that is also the reference the cut
+path must equal.
 
 Example:
     >>> import torch
@@ -49,6 +52,9 @@ from sparse_lightning.selectors import GateSelector
 
 if TYPE_CHECKING:
     from sparse_lightning.hooks import UnitMasking
+
+#: Largest kept fraction at which the up projection's kept rows are gathered (see above).
+GATHER_UP_BELOW = 1 / 3
 
 
 class GateSkipping:
@@ -105,9 +111,12 @@ class GateSkipping:
         flat = g.reshape(-1, self.units)
         if self.masking.gather and flat.shape[0] == 1:
             index = self._kept_index(flat)
-            up_bias = None if self.up.bias is None else self.up.bias.index_select(0, index)
-            u = F.linear(x.reshape(1, -1), self.up.weight.index_select(0, index), up_bias)
-            return self._cut_out_proj(index, g.reshape(-1).index_select(0, index) * u[0], x)
+            if index.numel() < GATHER_UP_BELOW * self.units:
+                up_bias = None if self.up.bias is None else self.up.bias.index_select(0, index)
+                u = F.linear(x.reshape(1, -1), self.up.weight.index_select(0, index), up_bias)[0]
+            else:
+                u = self.up(x).reshape(-1).index_select(0, index)
+            return self._cut_out_proj(index, g.reshape(-1).index_select(0, index) * u, x)
         keep = self._kept_mask(flat).reshape(g.shape)
         return self.out_proj(g * self.up(x) * keep)
 

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import calibrate, loader_of, tiny_model, token_pairs
+from conftest import ARCH_TYPES, calibrate, loader_of, tiny_model, token_pairs
 
 from sparse_lightning import SparseActivationModule
+from sparse_lightning.architectures import ARCHITECTURES
 
 # Loads the export with plain transformers in a fresh interpreter: no sparse_lightning import.
 STOCK_LOADER = """
@@ -68,6 +69,37 @@ def test_compacted_tiny_models_reload_in_stock_transformers(model_type, tmp_path
     with torch.no_grad():
         dense = tiny_model(model_type)(ids).logits
     assert not torch.allclose(module.model(ids).logits, dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_compacted_model_decodes_like_the_masked_model(model_type, tmp_path):
+    """The static fast path on every architecture: the compacted model's prefill logits and
+    greedy KV-cache decode equal the masked model's (heads removed where compaction can)."""
+    _, _, callback = calibrate(
+        tiny_model(model_type), loader_of(token_pairs(4)), run_name="d", dirpath=tmp_path
+    )
+    heads = 0.5 if ARCHITECTURES[model_type].separate_qkv else 0.0
+    module = SparseActivationModule.from_pretrained(
+        tiny_model(model_type), callback.checkpoint_path, mlp=0.5, heads=heads, mode="static"
+    )
+    small = module.compact()
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(2))
+
+    def greedy(model) -> torch.Tensor:
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                max_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return torch.cat(out.logits)
+
+    torch.testing.assert_close(greedy(small), greedy(module.model), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in module.model.parameters()
+    )
 
 
 def test_gpt2_compacts_neurons_but_refuses_heads(tmp_path):
