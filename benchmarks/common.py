@@ -68,6 +68,14 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def linear_macs(model: torch.nn.Module) -> int:
+    """Multiply-adds per token of every linear layer (= their weight sizes), lm_head included.
+
+    A tied lm_head is an ``nn.Linear`` sharing the embedding; it is counted once, as a module.
+    """
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def greedy_decode(
     model, prompt: torch.Tensor, new_tokens: int, compiled: bool = False
 ) -> Callable[[], torch.Tensor]:

@@ -40,8 +40,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import greedy_decode, machine_info, paired_ratio, save_report  # noqa: E402
-from benchmarks.static_inference import linear_macs  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    greedy_decode,
+    linear_macs,
+    machine_info,
+    paired_ratio,
+    save_report,
+)
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
 from sparse_lightning.selectors import kept_count  # noqa: E402
 from sparse_lightning.skipping import GATHER_UP_BELOW  # noqa: E402
@@ -76,22 +81,33 @@ def mlp_shape_scan(shapes, repeats: int) -> list[dict]:
         x = torch.randn(1, 1, hidden)
         for level in LEVELS:
             module.set_sparsity(mlp=level, heads=0.0, mode="gate")
-            ratio, dense_s, gate_s = paired_ratio(
-                _calls(dense_mlp, x, 20), _calls(model.model.layers[0].mlp, x, 20), repeats
-            )
-            kept = kept_count(width, level)
-            rows.append(
-                {
-                    "hidden": hidden,
-                    "mlp_width": width,
-                    "mlp_sparsity": level,
-                    "mlp_us_dense": dense_s / 20 * 1e6,
-                    "mlp_us_gate": gate_s / 20 * 1e6,
-                    "mlp_speedup": ratio,
-                    "mlp_flop_bound": 3 * width / (width + projections_kept(width, kept)),
-                }
-            )
+            timing = mlp_timing(dense_mlp, model.model.layers[0].mlp, x, 20, level, repeats)
+            rows.append({"hidden": hidden, "mlp_width": width, **timing})
     return rows
+
+
+def mlp_timing(
+    dense_mlp: torch.nn.Module,
+    gate_mlp: torch.nn.Module,
+    x: torch.Tensor,
+    calls: int,
+    level: float,
+    repeats: int,
+) -> dict[str, float]:
+    """``calls`` forwards of a plain MLP against the same MLP in gate mode at ``level``."""
+    units = gate_mlp.down_proj.in_features
+    kept = kept_count(units, level)
+    ratio, dense_s, gate_s = paired_ratio(
+        _calls(dense_mlp, x, calls), _calls(gate_mlp, x, calls), repeats
+    )
+    return {
+        "mlp_sparsity": level,
+        "kept_neurons": kept,
+        "mlp_us_dense": dense_s / calls * 1e6,
+        "mlp_us_gate": gate_s / calls * 1e6,
+        "mlp_speedup": ratio,
+        "mlp_flop_bound": 3 * units / (units + projections_kept(units, kept)),
+    }
 
 
 def projections_kept(units: int, kept: int) -> int:
@@ -131,37 +147,30 @@ def main() -> None:
     handle.remove()
     x = captured["x"]  # (1, 1, hidden): a real input of the layer's MLP
 
-    def mlp_calls(net: torch.nn.Module):
-        return _calls(net.model.layers[args.layer].mlp, x, 200)
-
     def gather(on: bool):
         return lambda: setattr(module.masking, "gather", on)
 
     dense_macs = linear_macs(model)
     units, hidden = module.architecture.mlp_units, int(model.config.hidden_size)
     layers = module.architecture.num_layers
-    nothing = (lambda: None, gather(True))
     rows = []
     for level in LEVELS:
         kept = kept_count(units, level)
-        module.set_sparsity(mlp=level, heads=0.0, mode="gate")
-        mlp_ratio, mlp_dense_s, mlp_gate_s = paired_ratio(
-            mlp_calls(dense), mlp_calls(model), args.repeats, prepare=nothing
+        module.set_sparsity(mlp=level, heads=0.0, mode="gate")  # gather on: the cut path
+        row = mlp_timing(
+            dense.model.layers[args.layer].mlp,
+            model.model.layers[args.layer].mlp,
+            x,
+            200,
+            level,
+            args.repeats,
         )
         saved = (2 * units - projections_kept(units, kept)) * hidden
-        row = {
-            "mlp_sparsity": level,
-            "kept_neurons": kept,
-            "mlp_us_dense": mlp_dense_s / 200 * 1e6,
-            "mlp_us_gate": mlp_gate_s / 200 * 1e6,
-            "mlp_speedup": mlp_ratio,
-            "mlp_flop_bound": 3 * units / (units + projections_kept(units, kept)),
-            "decode_flop_bound": dense_macs / (dense_macs - layers * saved),
-        }
+        row["decode_flop_bound"] = dense_macs / (dense_macs - layers * saved)
         for name, compiled in (("eager", False), ("compiled", True)):
             plain = greedy_decode(dense, prompt, args.new_tokens, compiled)
             sparse = greedy_decode(model, prompt, args.new_tokens, compiled)
-            speedup, dense_s, gate_s = paired_ratio(plain, sparse, args.repeats, prepare=nothing)
+            speedup, dense_s, gate_s = paired_ratio(plain, sparse, args.repeats)
             masked, _, _ = paired_ratio(
                 plain, sparse, args.repeats, prepare=(lambda: None, gather(False))
             )

@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     STATIC_ROWS,
     calibrated_checkpoint,
     greedy_decode,
+    linear_macs,
     machine_info,
     paired_ratio,
     save_report,
@@ -48,13 +49,6 @@ from sparse_lightning import (  # noqa: E402
 )
 
 LEVELS = (0.5, 0.8)
-
-
-def linear_macs(model: nn.Module) -> int:
-    """Multiply-adds per token of every linear layer (= their weight sizes), lm_head included."""
-    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    # A tied lm_head is an nn.Linear sharing the embedding; counted once above as a module.
-    return total
 
 
 def prefill(model: nn.Module, ids: torch.Tensor):
