@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -107,6 +108,68 @@ def greedy_decode(
                 **extra,
             )
         return torch.cat(out.logits)
+
+    return run
+
+
+#: Inductor options for batch-1 CPU decode. ``freezing`` treats the weights as constants, so
+#: ``cpp.enable_concat_linear`` can fuse the linears that read the same input (q/k/v, gate/up)
+#: into one GEMM, and ``max_autotune`` with the CPP backend generates a GEMM kernel for each
+#: weight shape instead of calling a generic BLAS routine: fewer, better-fitted calls per
+#: token, which is what small matrix-vector products need.
+CPU_DECODE_OPTIONS = {
+    "freezing": True,
+    "cpp.enable_concat_linear": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "ATEN,CPP",
+}
+
+
+def tuned_decode(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
+    """A closure running batch-1 greedy decode of ``new_tokens`` in a plain loop; returns ids.
+
+    The prefill is eager; each decode step calls ``model.forward`` compiled with
+    ``CPU_DECODE_OPTIONS`` over a static KV cache, with eager (matmul) attention so the
+    attention also compiles into the step. After the first call (which compiles) the steps
+    run with ``skip_guard_eval_unsafe``: the shapes never change, so re-checking Dynamo's
+    guards on every token is pure overhead. Switches ``model`` to eager attention.
+    """
+    from torch._inductor import config as inductor_config
+    from transformers import StaticCache
+
+    model.set_attn_implementation("eager")
+    step = torch.compile(model.forward, dynamic=False)
+    length = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
+    warm = False
+
+    def run() -> torch.Tensor:
+        nonlocal warm
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=warm)
+        # The first call compiles, under these options: torch.compile(options=...) does not
+        # pass max_autotune's GEMM templates on (the steps then still call aten::mm).
+        options = contextlib.nullcontext() if warm else inductor_config.patch(CPU_DECODE_OPTIONS)
+        with torch.no_grad(), stance, options:
+            cache.reset()
+            out = model(
+                input_ids=prompt,
+                past_key_values=cache,
+                cache_position=torch.arange(length),
+                logits_to_keep=1,
+            )
+            tokens = [out.logits[:, -1:].argmax(-1)]
+            for position in range(length, length + new_tokens - 1):
+                where = torch.tensor([position])
+                out = step(
+                    input_ids=tokens[-1],
+                    past_key_values=cache,
+                    cache_position=where,
+                    position_ids=where[None],
+                    logits_to_keep=1,
+                )
+                tokens.append(out.logits[:, -1:].argmax(-1))
+        warm = True
+        return torch.cat(tokens, dim=1)
 
     return run
 
