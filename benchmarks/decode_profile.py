@@ -1,13 +1,18 @@
-"""Where batch-1 decode time goes: matrix multiplies versus everything else (issue 5, item 3).
+"""Where inference time goes: matrix multiplies versus everything else (issue 5, items 3-4).
 
-Profiles 32 greedy decode steps of dense SmolLM2-135M-Instruct, of its compacted static-mask
-model (50% of MLP neurons, heads group-balanced) and of ``mode="gate"`` at 50% of MLP neurons
-with ``torch.profiler``, and prints the share of CPU time spent in matrix multiplies and the
-top operators. The rest does not shrink with compaction, which caps the decode speedup below
-the linear-layer FLOP bound; the gate path's gathers and top-k cost what its smaller matrix
-multiplies save (see the README's Performance section).
+``--what generate`` (default) profiles 32 greedy ``generate`` steps of dense
+SmolLM2-135M-Instruct, of its compacted static-mask model (50% of MLP neurons, heads
+group-balanced) and of ``mode="gate"`` at 50% of MLP neurons with ``torch.profiler``, and
+prints the share of CPU time spent in matrix multiplies and the top operators. The rest does
+not shrink with compaction, which caps the decode speedup below the linear-layer FLOP bound;
+the gate path's gathers and top-k cost what its smaller matrix multiplies save.
 
-    python benchmarks/decode_profile.py [--checkpoint PATH]
+``--what tuned`` profiles three 32-token runs of ``benchmarks.common.tuned_decode`` (dense and
+compacted at ``--level``, default 80%): the compiled step is one opaque call, so it prints
+its time per step next to what runs outside it. ``--what prefill`` profiles two 8 x 128
+prefills, dense and compacted at ``--level``. See the README's Performance section.
+
+    python benchmarks/decode_profile.py [--checkpoint PATH] [--what tuned --level 0.8]
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import STATIC_CHECKPOINT, STATIC_ROWS, calibrated_checkpoint  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    STATIC_CHECKPOINT,
+    STATIC_ROWS,
+    calibrated_checkpoint,
+    tuned_decode,
+)
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
@@ -34,18 +44,60 @@ MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--what", choices=("generate", "tuned", "prefill"), default="generate")
+    parser.add_argument("--level", type=float, default=None, help="tuned/prefill: default 0.8")
     args = parser.parse_args()
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
         model, tokenizer, STATIC_ROWS, args.checkpoint or STATIC_CHECKPOINT
     )
+    level = args.level or (0.5 if args.what == "generate" else 0.8)
     module = SparseActivationModule.from_pretrained(
-        model, checkpoint, 0.5, heads=0.5, mode="static", tokenizer=tokenizer
+        model, checkpoint, level, mode="static", tokenizer=tokenizer
     )
     compact = module.compact()
     module.disable_sparsity()
+    if args.what == "generate":
+        profile_generate(module, compact, tokenizer, level)
+        return
+    if args.what == "prefill":
+        ids = torch.randint(100, 40000, (8, 128))
+        runs = (("dense", model), (f"compacted {level:.0%}", compact))
+        for name, net in runs:
+            with torch.no_grad():
+                net(input_ids=ids, use_cache=False)  # warm-up
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    for _ in range(2):
+                        net(input_ids=ids, use_cache=False)
+            summarize(f"{name}, two prefills", prof)
+            by_shape = prof.key_averages(group_by_input_shape=True)
+            products = [e for e in by_shape if e.key in MATMULS and e.self_cpu_time_total]
+            products.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+            for e in products[:6]:
+                shapes = " x ".join(str(tuple(s)) for s in e.input_shapes[:2])
+                per_call = e.self_cpu_time_total / 1e3 / e.count
+                print(f"  {e.key} {shapes}: {e.count} calls, {per_call:.2f} ms each")
+        return
+    prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
+    for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
+        run = tuned_decode(net, prompt["input_ids"], 32)
+        run()  # compiles
+        run()  # first run with guards skipped
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                run()
+        summarize(f"{name}, tuned decode x3", prof)
+        steps = [e for e in prof.key_averages() if e.key.startswith("## Call CompiledFxGraph")]
+        count = sum(e.count for e in steps)
+        inside = sum(e.self_cpu_time_total for e in steps) / 1e3
+        print(f"  compiled step: {count} calls, {inside / count:.2f} ms each (self time)")
+        torch._dynamo.reset()  # the next model must not reuse this one's frozen entry
+
+
+def profile_generate(module, compact, tokenizer, level: float) -> None:
     ids = tokenizer("The lighthouse keeper climbed the stairs and", return_tensors="pt")
-    for name, net in (("dense", module.model), ("compacted 50%", compact), ("gate 50%", None)):
+    runs = (("dense", module.model), (f"compacted {level:.0%}", compact), ("gate 50%", None))
+    for name, net in runs:
         if net is None:
             module.set_sparsity(mlp=0.5, heads=0.0, mode="gate")
             net = module.model
@@ -53,15 +105,19 @@ def main() -> None:
             net.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 net.generate(**ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) / 1e3
-        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e3
-        print(
-            f"{name}: {total:.0f} ms CPU, matrix multiplies {matmul:.0f} ms "
-            f"({matmul / total:.0%}), other {total - matmul:.0f} ms"
-        )
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-        print("  " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in top))
+        summarize(name, prof)
+
+
+def summarize(name: str, prof) -> None:
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e3
+    print(
+        f"{name}: {total:.0f} ms CPU, matrix multiplies {matmul:.0f} ms "
+        f"({matmul / total:.0%}), other {total - matmul:.0f} ms"
+    )
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    print("  " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.0f} ms" for e in top))
 
 
 if __name__ == "__main__":
