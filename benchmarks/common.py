@@ -201,6 +201,16 @@ def paired_ratio(
     return statistics.median(ratios), statistics.median(base), statistics.median(cand)
 
 
+def decode_speed(paired: tuple[float, float, float], new_tokens: int) -> dict[str, float]:
+    """Tokens/s of both sides and the speedup, from a :func:`paired_ratio` of two decodes."""
+    speedup, baseline_s, candidate_s = paired
+    return {
+        "dense_tokens_per_s": new_tokens / baseline_s,
+        "tokens_per_s": new_tokens / candidate_s,
+        "speedup": speedup,
+    }
+
+
 def machine_info() -> dict[str, object]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()

@@ -59,39 +59,10 @@ def main() -> None:
     module.disable_sparsity()
     if args.what == "generate":
         profile_generate(module, compact, tokenizer, level)
-        return
-    if args.what == "prefill":
-        ids = torch.randint(100, 40000, (8, 128))
-        runs = (("dense", model), (f"compacted {level:.0%}", compact))
-        for name, net in runs:
-            with torch.no_grad():
-                net(input_ids=ids, use_cache=False)  # warm-up
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                    for _ in range(2):
-                        net(input_ids=ids, use_cache=False)
-            summarize(f"{name}, two prefills", prof)
-            by_shape = prof.key_averages(group_by_input_shape=True)
-            products = [e for e in by_shape if e.key in MATMULS and e.self_cpu_time_total]
-            products.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-            for e in products[:6]:
-                shapes = " x ".join(str(tuple(s)) for s in e.input_shapes[:2])
-                per_call = e.self_cpu_time_total / 1e3 / e.count
-                print(f"  {e.key} {shapes}: {e.count} calls, {per_call:.2f} ms each")
-        return
-    prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
-    for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
-        run = tuned_decode(net, prompt["input_ids"], 32)
-        run()  # compiles
-        run()  # first run with guards skipped
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                run()
-        summarize(f"{name}, tuned decode x3", prof)
-        steps = [e for e in prof.key_averages() if e.key.startswith("## Call CompiledFxGraph")]
-        count = sum(e.count for e in steps)
-        inside = sum(e.self_cpu_time_total for e in steps) / 1e3
-        print(f"  compiled step: {count} calls, {inside / count:.2f} ms each (self time)")
-        torch._dynamo.reset()  # the next model must not reuse this one's frozen entry
+    elif args.what == "prefill":
+        profile_prefill(model, compact, level)
+    else:
+        profile_tuned(model, compact, tokenizer, level)
 
 
 def profile_generate(module, compact, tokenizer, level: float) -> None:
@@ -106,6 +77,41 @@ def profile_generate(module, compact, tokenizer, level: float) -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 net.generate(**ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
         summarize(name, prof)
+
+
+def profile_prefill(model, compact, level: float) -> None:
+    ids = torch.randint(100, 40000, (8, 128))
+    for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
+        with torch.no_grad():
+            net(input_ids=ids, use_cache=False)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(2):
+                    net(input_ids=ids, use_cache=False)
+        summarize(f"{name}, two prefills", prof)
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        products = [e for e in by_shape if e.key in MATMULS and e.self_cpu_time_total]
+        products.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        for e in products[:6]:
+            shapes = " x ".join(str(tuple(s)) for s in e.input_shapes[:2])
+            per_call = e.self_cpu_time_total / 1e3 / e.count
+            print(f"  {e.key} {shapes}: {e.count} calls, {per_call:.2f} ms each")
+
+
+def profile_tuned(model, compact, tokenizer, level: float) -> None:
+    prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
+    for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
+        run = tuned_decode(net, prompt["input_ids"], 32)
+        run()  # compiles
+        run()  # first run with guards skipped
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                run()
+        summarize(f"{name}, tuned decode x3", prof)
+        steps = [e for e in prof.key_averages() if e.key.startswith("## Call CompiledFxGraph")]
+        count = sum(e.count for e in steps)
+        inside = sum(e.self_cpu_time_total for e in steps) / 1e3
+        print(f"  compiled step: {count} calls, {inside / count:.2f} ms each (self time)")
+        torch._dynamo.reset()  # the next model must not reuse this one's frozen entry
 
 
 def summarize(name: str, prof) -> None:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    decode_speed,
     greedy_decode,
     linear_macs,
     machine_info,
@@ -170,7 +171,7 @@ def main() -> None:
         for name, compiled in (("eager", False), ("compiled", True)):
             plain = greedy_decode(dense, prompt, args.new_tokens, compiled)
             sparse = greedy_decode(model, prompt, args.new_tokens, compiled)
-            speedup, dense_s, gate_s = paired_ratio(plain, sparse, args.repeats)
+            speed = decode_speed(paired_ratio(plain, sparse, args.repeats), args.new_tokens)
             masked, _, _ = paired_ratio(
                 plain, sparse, args.repeats, prepare=(lambda: None, gather(False))
             )
@@ -180,9 +181,7 @@ def main() -> None:
             error = float((sparse() - cut_logits).abs().max())
             module.masking.gather = True
             row[f"decode_{name}"] = {
-                "dense_tokens_per_s": args.new_tokens / dense_s,
-                "tokens_per_s": args.new_tokens / gate_s,
-                "speedup": speedup,
+                **speed,
                 "masked_reference_speedup": masked,
                 "max_abs_logit_diff_vs_masked": error,
             }

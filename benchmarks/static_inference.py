@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     STATIC_CHECKPOINT,
     STATIC_ROWS,
     calibrated_checkpoint,
+    decode_speed,
     greedy_decode,
     linear_macs,
     machine_info,
@@ -107,17 +108,15 @@ def main() -> None:
             "prefill_share_of_bound": prefill_speedup / bound,
         }
         for name, compiled in (("eager", False), ("compiled", True)):
-            speedup, dense_s, small_s = paired_ratio(
-                greedy_decode(model, prompt, args.new_tokens, compiled),
-                greedy_decode(small, prompt, args.new_tokens, compiled),
-                args.repeats,
+            speed = decode_speed(
+                paired_ratio(
+                    greedy_decode(model, prompt, args.new_tokens, compiled),
+                    greedy_decode(small, prompt, args.new_tokens, compiled),
+                    args.repeats,
+                ),
+                args.new_tokens,
             )
-            row[f"decode_{name}"] = {
-                "dense_tokens_per_s": args.new_tokens / dense_s,
-                "tokens_per_s": args.new_tokens / small_s,
-                "speedup": speedup,
-                "share_of_bound": speedup / bound,
-            }
+            row[f"decode_{name}"] = {**speed, "share_of_bound": speed["speedup"] / bound}
         rows.append(row)
         smalls.append(small)
 
@@ -127,12 +126,10 @@ def main() -> None:
     dense_tuned = tuned_decode(copy.deepcopy(model), prompt, args.new_tokens)
     for row, small in zip(rows, smalls, strict=True):
         small_tuned = tuned_decode(small, prompt, args.new_tokens)
-        speedup, dense_s, small_s = paired_ratio(dense_tuned, small_tuned, args.repeats)
+        speed = decode_speed(paired_ratio(dense_tuned, small_tuned, args.repeats), args.new_tokens)
         row["decode_tuned"] = {
-            "dense_tokens_per_s": args.new_tokens / dense_s,
-            "tokens_per_s": args.new_tokens / small_s,
-            "speedup": speedup,
-            "share_of_bound": speedup / row["flop_bound"],
+            **speed,
+            "share_of_bound": speed["speedup"] / row["flop_bound"],
             "greedy_tokens_confirmed_eager": eager_greedy_agreement(small, prompt, small_tuned()),
             "dense_greedy_tokens_confirmed_eager": eager_greedy_agreement(
                 model, prompt, dense_tuned()
