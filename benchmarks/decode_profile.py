@@ -8,9 +8,11 @@ not shrink with compaction, which caps the decode speedup below the linear-layer
 the gate path's gathers and top-k cost what its smaller matrix multiplies save.
 
 ``--what tuned`` profiles three 32-token runs of ``benchmarks.common.tuned_decode`` (dense and
-compacted at ``--level``, default 80%): the compiled step is one opaque call, so it prints
-its time per step next to what runs outside it. ``--what prefill`` profiles two 8 x 128
-prefills, dense and compacted at ``--level``. See the README's Performance section.
+compacted at ``--level``, default 80%), compiled with Inductor's kernel profiling so that the
+step splits into its generated GEMM kernels, its other kernels and its wrapper; it prints the
+time per step of each next to what runs outside the step. ``--what prefill`` profiles two
+8 x 128 prefills, dense and compacted at ``--level``, then times each kind of linear layer
+without the profiler. See the README's Performance section.
 
     python benchmarks/decode_profile.py [--checkpoint PATH] [--what tuned --level 0.8]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,36 +84,91 @@ def profile_generate(module, compact, tokenizer, level: float) -> None:
 
 def profile_prefill(model, compact, level: float) -> None:
     ids = torch.randint(100, 40000, (8, 128))
-    for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
+    nets = (("dense", model), (f"compacted {level:.0%}", compact))
+    for name, net in nets:
         with torch.no_grad():
             net(input_ids=ids, use_cache=False)  # warm-up
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(2):
                     net(input_ids=ids, use_cache=False)
         summarize(f"{name}, two prefills", prof)
-        by_shape = prof.key_averages(group_by_input_shape=True)
-        products = [e for e in by_shape if e.key in MATMULS and e.self_cpu_time_total]
-        products.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-        for e in products[:6]:
-            shapes = " x ".join(str(tuple(s)) for s in e.input_shapes[:2])
-            per_call = e.self_cpu_time_total / 1e3 / e.count
-            print(f"  {e.key} {shapes}: {e.count} calls, {per_call:.2f} ms each")
+    # The profiler's own overhead distorts the compacted model's small operators, so the
+    # per-projection split is timed without it: wall time around each nn.Linear call.
+    timed = {name: per_linear_ms(net, ids, forwards=3) for name, net in nets}
+    for name, (kinds, total) in timed.items():
+        listed = ", ".join(f"{k} {v:.0f}" for k, v in kinds.items())
+        rest = total - sum(kinds.values())
+        print(f"{name}, ms per prefill: {total:.0f} in all; {listed}; outside linears {rest:.0f}")
+    (dense, _), (small, _) = timed.values()
+    ratio = sum(dense.values()) / sum(small.values())
+    head = dense["lm_head"] / sum(dense.values())
+    print(f"  linear layers together: {ratio:.2f}x; lm_head is {head:.0%} of the dense linear time")
+
+
+def per_linear_ms(net, ids: torch.Tensor, forwards: int) -> tuple[dict[str, float], float]:
+    """Wall ms per forward in each kind of ``nn.Linear`` (by attribute name), and in all."""
+    spent: dict[str, float] = {}
+    start: dict[str, float] = {}
+
+    def before(kind):
+        return lambda *_: start.__setitem__(kind, time.perf_counter())
+
+    def after(kind):
+        def hook(*_):
+            spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - start[kind]
+
+        return hook
+
+    handles = []
+    for path, mod in net.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            kind = path.rsplit(".", 1)[-1]
+            handles += [
+                mod.register_forward_pre_hook(before(kind)),
+                mod.register_forward_hook(after(kind)),
+            ]
+    with torch.no_grad():
+        net(input_ids=ids, use_cache=False)  # warm-up
+        spent.clear()
+        begin = time.perf_counter()
+        for _ in range(forwards):
+            net(input_ids=ids, use_cache=False)
+        total = time.perf_counter() - begin
+    for handle in handles:
+        handle.remove()
+    return {kind: s / forwards * 1e3 for kind, s in spent.items()}, total / forwards * 1e3
 
 
 def profile_tuned(model, compact, tokenizer, level: float) -> None:
+    from torch._inductor import config as inductor_config
+
     prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
     for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
         run = tuned_decode(net, prompt["input_ids"], 32)
-        run()  # compiles
+        # Kernel profiling makes each generated C++ kernel a profiler event of its own, so
+        # the opaque compiled step splits into GEMMs and the rest.
+        with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+            run()  # compiles
         run()  # first run with guards skipped
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 run()
         summarize(f"{name}, tuned decode x3", prof)
-        steps = [e for e in prof.key_averages() if e.key.startswith("## Call CompiledFxGraph")]
+        events = prof.key_averages()
+        steps = [e for e in events if e.key.startswith("## Call CompiledFxGraph")]
         count = sum(e.count for e in steps)
-        inside = sum(e.self_cpu_time_total for e in steps) / 1e3
-        print(f"  compiled step: {count} calls, {inside / count:.2f} ms each (self time)")
+        inside = sum(e.cpu_time_total for e in steps) / 1e3 / count
+        wrapper = sum(e.self_cpu_time_total for e in steps) / 1e3 / count
+        kernels = [e for e in events if e.key.startswith(("cpp_", "graph_"))]
+        gemm = sum(e.self_cpu_time_total for e in kernels if "gemm" in e.key.lower()) / 1e3
+        other = sum(e.self_cpu_time_total for e in kernels) / 1e3 - gemm
+        print(
+            f"  compiled step: {count} calls, {inside:.2f} ms each; inside it per step: GEMM "
+            f"kernels {gemm / count:.2f} ms, other generated kernels {other / count:.2f} ms, "
+            f"the wrapper that calls them {wrapper:.2f} ms"
+        )
+        top = sorted(kernels, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+        print("  " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3 / count:.3f}" for e in top))
         torch._dynamo.reset()  # the next model must not reuse this one's frozen entry
 
 
