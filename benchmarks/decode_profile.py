@@ -44,6 +44,11 @@ from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E4
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
 
 
+def is_matmul(key: str) -> bool:
+    """An eager matrix-multiply operator, or a GEMM kernel that Inductor generated."""
+    return key in MATMULS or "gemm" in key.lower()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
@@ -160,7 +165,7 @@ def profile_tuned(model, compact, tokenizer, level: float) -> None:
         inside = sum(e.cpu_time_total for e in steps) / 1e3 / count
         wrapper = sum(e.self_cpu_time_total for e in steps) / 1e3 / count
         kernels = [e for e in events if e.key.startswith(("cpp_", "graph_"))]
-        gemm = sum(e.self_cpu_time_total for e in kernels if "gemm" in e.key.lower()) / 1e3
+        gemm = sum(e.self_cpu_time_total for e in kernels if is_matmul(e.key)) / 1e3
         other = sum(e.self_cpu_time_total for e in kernels) / 1e3 - gemm
         print(
             f"  compiled step: {count} calls, {inside:.2f} ms each; inside it per step: GEMM "
@@ -175,7 +180,7 @@ def profile_tuned(model, compact, tokenizer, level: float) -> None:
 def summarize(name: str, prof) -> None:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e3
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e3
+    matmul = sum(e.self_cpu_time_total for e in events if is_matmul(e.key)) / 1e3
     print(
         f"{name}: {total:.0f} ms CPU, matrix multiplies {matmul:.0f} ms "
         f"({matmul / total:.0%}), other {total - matmul:.0f} ms"

@@ -18,8 +18,9 @@ prefill forward and for eager batch-1 generate.
 
     python benchmarks/static_inference.py [--repeats 7] [--quick-repeats 21] [--checkpoint PATH]
 
-``--quick-repeats`` applies to the rows whose repetitions take seconds (prefill and tuned
-decode): more per-repetition ratios make their median steadier on a noisy machine.
+``--quick-repeats`` applies to the rows whose repetitions take seconds (prefill, tuned decode
+and the sparsity-0 overhead): more per-repetition ratios make their median steadier on a noisy
+machine.
 
 About 28 minutes on 2 CPU cores, most of it compiling. Prints a table and writes
 benchmarks/results/static_inference.json.
