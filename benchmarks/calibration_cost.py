@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,11 +39,11 @@ from sparse_lightning import (  # noqa: E402
     AttributionCalibration,
     QACollator,
     SparseActivationModule,
+    TeacherForcedBatch,
     load_demo_model,
     load_truthfulqa,
 )
-from sparse_lightning.hooks import ActivationCapture, gradients_enabled  # noqa: E402
-from sparse_lightning.module import TeacherForcedBatch  # noqa: E402
+from sparse_lightning.attribution import ActivationCapture, gradients_enabled  # noqa: E402
 
 DATA = TRUTHFULQA
 
@@ -102,10 +103,12 @@ def main() -> None:
     batch = module.prepare_batch(raw)
     answer_tokens = batch.num_answer_tokens
 
+    # The callback's own hooks, called as trainer.validate calls them: metric states, capture.
     callback = AttributionCalibration()
-    callback.setup(None, module, "validate")  # the metric states, as trainer.validate makes them
-    capture = ActivationCapture(module.architecture).__enter__()
-    module.activation_capture = capture
+    trainer = SimpleNamespace(sanity_checking=False)
+    callback.setup(trainer, module, "validate")
+    callback.on_validation_start(trainer, module)
+    capture = module.active_capture
 
     def dense_forward() -> None:
         with torch.no_grad():
@@ -144,7 +147,7 @@ def main() -> None:
     start = time.perf_counter()
     passes = reference_scheme(module, ref_batch)
     t_reference = time.perf_counter() - start
-    capture.__exit__(None, None, None)
+    module.stop_capture()
 
     report = {
         "benchmark": "calibration_cost",

@@ -70,11 +70,11 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def linear_macs(model: torch.nn.Module) -> int:
-    """Multiply-adds per token of every linear layer (= their weight sizes), lm_head included.
+    """Multiply-adds per token of every linear layer, lm_head included (the package's count)."""
+    from sparse_lightning import resolve
+    from sparse_lightning.inference import linear_macs_per_token
 
-    A tied lm_head is an ``nn.Linear`` sharing the embedding; it is counted once, as a module.
-    """
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear_macs_per_token(model, resolve(model))["total"]
 
 
 def greedy_decode(

@@ -120,8 +120,7 @@ def main() -> None:
         for setting in chosen:
             label, mode, metric, mlp, heads = setting
             module.set_sparsity(mlp=mlp, heads=heads, mode=mode, metric=metric)
-            if mode == "oracle":
-                module.prepare_oracle(batch, units)
+            module.prepare_masks(batch, units)
             with torch.no_grad():
                 logits = module.model(
                     input_ids=batch.input_ids,

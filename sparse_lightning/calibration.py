@@ -12,17 +12,23 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from sparse_lightning.architectures import UNIT_KINDS
+from sparse_lightning.attribution.capture import (
+    ActivationCapture,
+    CapturedUnits,
+    differentiate,
+    gradients_enabled,
+)
 from sparse_lightning.attribution.functional import integration_points
-from sparse_lightning.attribution.scores import AttributionScores
 from sparse_lightning.attribution.statistics import Statistics
-from sparse_lightning.checkpoint import DEFAULT_DIR, save_statistics
-from sparse_lightning.hooks import ActivationCapture, gradients_enabled
-from sparse_lightning.module import SparseActivationModule, TeacherForcedBatch
+from sparse_lightning.attribution.sums import AttributionSums
+from sparse_lightning.checkpoint import DEFAULT_DIR, run_path, save_statistics
+from sparse_lightning.data.teacher_forcing import TeacherForcedBatch
+from sparse_lightning.module import SparseActivationModule
+from sparse_lightning.units import check_kinds, kind_names
 
 
 class AttributionCalibration(Callback):
-    """Accumulate attribution statistics of MLP neurons and attention heads over a dataloader.
+    """Accumulate attribution statistics of every unit kind over a dataloader.
 
     Attach it to a ``Trainer`` and run ``trainer.validate(module, dataloader)`` with a
     :class:`~sparse_lightning.module.SparseActivationModule`. Each batch costs one forward
@@ -36,7 +42,7 @@ class AttributionCalibration(Callback):
     ``validate`` every rank holds the same :attr:`statistics`.
 
     Args:
-        units: unit kinds to measure, ``"mlp"`` and/or ``"heads"``.
+        units: unit kinds to measure (see :mod:`sparse_lightning.units`); all by default.
         ig_steps: integration steps of integrated gradients (0 = skip IG; the paper's
             scripts use 20). All captured layers are scaled together at each step.
         run_name: when set, rank 0 writes ``<dirpath>/<run_name>.safetensors`` at the end.
@@ -52,24 +58,22 @@ class AttributionCalibration(Callback):
 
     def __init__(
         self,
-        units: Sequence[str] = UNIT_KINDS,
+        units: Sequence[str] | None = None,
         ig_steps: int = 0,
         run_name: str | None = None,
         dirpath: str | os.PathLike[str] = DEFAULT_DIR,
         dataset: str = "",
     ) -> None:
         super().__init__()
-        if not units or set(units) - set(UNIT_KINDS):
-            raise ValueError(f"units must be a non-empty subset of {UNIT_KINDS}, got {units}.")
+        self.units = check_kinds(kind_names() if units is None else units)
         if ig_steps < 0:
             raise ValueError(f"ig_steps must be >= 0 (0 disables IG), got {ig_steps}.")
-        self.units = tuple(k for k in UNIT_KINDS if k in units)
         self.ig_steps = ig_steps
         self.run_name = run_name
         self.dirpath = Path(dirpath)
         self.dataset = dataset
         self.checkpoint_path: Path | None = None
-        self.scores: dict[str, AttributionScores] = {}
+        self.sums: dict[str, AttributionSums] = {}
         self._statistics: Statistics | None = None
         self._capture: ActivationCapture | None = None
         self._batches = 0
@@ -89,7 +93,7 @@ class AttributionCalibration(Callback):
         self, module: SparseActivationModule, loss_sum: Tensor, batch: TeacherForcedBatch
     ) -> None:
         """Add one batch: gradients of ``loss_sum`` w.r.t. the captured units, then IG passes."""
-        capture = self._require_capture(module)
+        capture = self._require_capture()
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(
                 f"The answer loss is {loss_sum.item()} (not finite), so attributions would be "
@@ -98,16 +102,16 @@ class AttributionCalibration(Callback):
             )
         mask = batch.predict_mask.flatten()
         with gradients_enabled():
-            grads = torch.autograd.grad(loss_sum, capture.tensors())
-            acts = [t.detach() for t in capture.tensors()]
-            capture.clear()  # frees the graph before the IG passes build theirs
-            path_mean = self._mean_path_gradient(module, batch, grads) if self.ig_steps else None
-        a_by, g_by = capture.by_kind(acts), capture.by_kind(grads)
-        ig_by = capture.by_kind(path_mean) if path_mean is not None else None
+            # differentiate() frees the graph before the IG passes build theirs.
+            units = differentiate(capture, loss_sum)
+            path_mean = self._mean_path_gradient(module, batch, units) if self.ig_steps else None
         for kind in self.units:
-            for layer, (a, g) in enumerate(zip(a_by[kind], g_by[kind], strict=True)):
-                ig = ig_by[kind][layer][mask] if ig_by is not None else None
-                self.scores[kind].update(layer, a[mask], g[mask], ig)
+            captured = units[kind]
+            for layer, (a, g) in enumerate(
+                zip(captured.activations, captured.gradients, strict=True)
+            ):
+                ig = path_mean[kind][layer][mask] if path_mean is not None else None
+                self.sums[kind].update(layer, a[mask], g[mask], ig)
 
     # ------------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -117,8 +121,8 @@ class AttributionCalibration(Callback):
                 f"{type(pl_module).__name__}; wrap your model: SparseActivationModule(model)."
             )
         arch = pl_module.architecture
-        self.scores = {
-            kind: AttributionScores(
+        self.sums = {
+            kind: AttributionSums(
                 kind, arch.num_layers, arch.units(kind), integrated_gradients=self.ig_steps > 0
             ).to(pl_module.device)
             for kind in self.units
@@ -129,16 +133,11 @@ class AttributionCalibration(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if pl_module.masking is not None:
-            raise RuntimeError(
-                "The module runs sparse; calibration measures the dense model. Call "
-                "module.disable_sparsity() before trainer.validate with AttributionCalibration."
-            )
-        for scores in self.scores.values():
-            scores.to(pl_module.device).reset()
+        assert isinstance(pl_module, SparseActivationModule)
+        for sums in self.sums.values():
+            sums.to(pl_module.device).reset()
         self._batches = 0
-        self._capture = ActivationCapture(pl_module.architecture, self.units).__enter__()
-        pl_module.activation_capture = self._capture
+        self._capture = pl_module.start_capture(self.units)
 
     def on_validation_batch_end(
         self,
@@ -158,7 +157,7 @@ class AttributionCalibration(Callback):
         if trainer.sanity_checking:
             return
         # compute() is collective under DDP: every rank calls it and gets the global sums.
-        units = {kind: scores.compute() for kind, scores in self.scores.items()}
+        units = {kind: sums.compute() for kind, sums in self.sums.items()}
         self._statistics = Statistics(
             units,
             ig_steps=self.ig_steps,
@@ -170,7 +169,7 @@ class AttributionCalibration(Callback):
             },
         )
         if self.run_name is not None and trainer.is_global_zero:
-            path = self.dirpath / f"{self.run_name}.safetensors"
+            path = run_path(self.run_name, self.dirpath)
             self.checkpoint_path = save_statistics(self._statistics, path)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -190,32 +189,27 @@ class AttributionCalibration(Callback):
         self,
         module: SparseActivationModule,
         batch: TeacherForcedBatch,
-        dense_grads: Sequence[Tensor],
-    ) -> list[Tensor]:
+        dense: dict[str, CapturedUnits],
+    ) -> dict[str, list[Tensor]]:
         # The last integration point is alpha = 1, whose gradients are the dense ones.
-        capture = self._require_capture(module)
-        total = list(dense_grads)
+        capture = self._require_capture()
+        total = {kind: list(units.gradients) for kind, units in dense.items()}
         for alpha in integration_points(self.ig_steps)[:-1].tolist():
             with capture.record(scale=alpha):
                 loss = module.answer_loss(batch)
-            total = [
-                t + g
-                for t, g in zip(total, torch.autograd.grad(loss, capture.tensors()), strict=True)
-            ]
-            capture.clear()
-        return [t / self.ig_steps for t in total]
+            for kind, units in differentiate(capture, loss).items():
+                total[kind] = [t + g for t, g in zip(total[kind], units.gradients, strict=True)]
+        return {kind: [t / self.ig_steps for t in grads] for kind, grads in total.items()}
 
-    def _require_capture(self, module: SparseActivationModule) -> ActivationCapture:
-        if module.activation_capture is None or not self.scores:
+    def _require_capture(self) -> ActivationCapture:
+        if self._capture is None or not self.sums:
             raise RuntimeError(
-                "attribute() needs the callback set up and an ActivationCapture attached to the "
-                "module; it runs inside trainer.validate with this callback."
+                "attribute() needs the callback set up and the module capturing; it runs inside "
+                "trainer.validate with this callback."
             )
-        return module.activation_capture
+        return self._capture
 
     def _detach(self, pl_module: L.LightningModule) -> None:
-        if self._capture is not None:
-            self._capture.__exit__(None, None, None)
-            self._capture = None
         if isinstance(pl_module, SparseActivationModule):
-            pl_module.activation_capture = None
+            pl_module.stop_capture()
+        self._capture = None

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from sparse_lightning.architectures import Fingerprint
 from sparse_lightning.attribution.statistics import Statistics
+from sparse_lightning.version import __version__
 
 FORMAT = "sparse_lightning.statistics/1"
 DEFAULT_DIR = Path("checkpoints")
@@ -32,9 +33,9 @@ class CheckpointError(ValueError):
     """A sparsity checkpoint is missing, damaged, or belongs to another model."""
 
 
-def default_path(run_name: str) -> Path:
-    """``checkpoints/<run_name>.safetensors``."""
-    return DEFAULT_DIR / f"{run_name}.safetensors"
+def run_path(run_name: str, dirpath: str | os.PathLike[str] = DEFAULT_DIR) -> Path:
+    """Where a calibration run's checkpoint lives: ``<dirpath>/<run_name>.safetensors``."""
+    return Path(dirpath) / f"{run_name}.safetensors"
 
 
 def save_statistics(statistics: Statistics, path: str | os.PathLike[str]) -> Path:
@@ -42,8 +43,6 @@ def save_statistics(statistics: Statistics, path: str | os.PathLike[str]) -> Pat
 
     An interrupted write leaves any earlier file at ``path`` untouched.
     """
-    from sparse_lightning import __version__
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"Checkpoint path must end in .safetensors, got {path}.")

@@ -6,8 +6,9 @@ recipe drives the whole flow, and every key is also a command-line option
 
     sparse-lightning calibrate --config recipes/smollm2-truthfulqa.yaml
     sparse-lightning sweep     --config recipes/smollm2-truthfulqa.yaml --data.batch_size 4
-    sparse-lightning evaluate  --config recipes/smollm2-truthfulqa.yaml --evaluation.mlp [0.7]
-    sparse-lightning export    --config recipes/smollm2-truthfulqa.yaml --export.mlp 0.5
+    sparse-lightning evaluate  --config recipes/smollm2-truthfulqa.yaml \
+        --evaluation.levels '{mlp: [0.7], heads: [0.0]}'
+    sparse-lightning export    --config recipes/smollm2-truthfulqa.yaml --export.levels '{mlp: 0.5}'
 
 ``sparse-lightning sweep --print_config`` prints a complete recipe to start from.
 """
@@ -21,6 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sparse_lightning.checkpoint import run_path
+from sparse_lightning.units import UNIT_KINDS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -57,7 +61,7 @@ class CalibrationOptions:
     Attributes:
         run_name: checkpoint name: ``<dirpath>/<run_name>.safetensors``.
         dirpath: checkpoint folder.
-        units: unit kinds to score (``mlp``, ``heads``).
+        units: unit kinds to score (see ``sparse_lightning.units``; all by default).
         ig_steps: integrated-gradients steps (0: no IG).
         targets: ``dense`` (the model's own greedy answers, the paper) or ``reference``.
         reuse: ``sweep`` reuses a checkpoint calibrated on the same model and split.
@@ -65,14 +69,14 @@ class CalibrationOptions:
 
     run_name: str = "run"
     dirpath: str = "checkpoints"
-    units: list[str] = field(default_factory=lambda: ["mlp", "heads"])
+    units: list[str] = field(default_factory=lambda: list(UNIT_KINDS))
     ig_steps: int = 0
     targets: str = "dense"
     reuse: bool = True
 
     @property
     def checkpoint(self) -> Path:
-        return Path(self.dirpath) / f"{self.run_name}.safetensors"
+        return run_path(self.run_name, self.dirpath)
 
 
 @dataclass
@@ -81,8 +85,8 @@ class EvaluationOptions:
 
     Attributes:
         modes: selection modes (``dynamic``, ``magnitude``, ``static``, ``oracle``, ``gate``).
-        mlp: MLP sparsity levels.
-        heads: head sparsity levels.
+        levels: unit kind -> the sparsity levels to try (every combination is evaluated;
+            kinds left out stay dense).
         metric: ranking metric of ``static`` and ``oracle``.
         generation: greedy-answer metrics (BLEU vs dense, SacreBLEU/ROUGE/SQuAD vs gold).
         teacher_forced: top-1 agreement, KL vs dense, gold perplexity.
@@ -91,8 +95,7 @@ class EvaluationOptions:
     """
 
     modes: list[str] = field(default_factory=lambda: ["magnitude", "dynamic", "static"])
-    mlp: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
-    heads: list[float] = field(default_factory=lambda: [0.0])
+    levels: dict[str, list[float]] = field(default_factory=lambda: {"mlp": [0.5, 0.7, 0.9]})
     metric: str = "corrected_gxo"
     generation: bool = True
     teacher_forced: bool = True
@@ -105,14 +108,12 @@ class ExportOptions:
     """Compacted export (static masks).
 
     Attributes:
-        mlp: fraction of MLP neurons removed.
-        heads: fraction of heads removed.
+        levels: unit kind -> fraction of its units removed (kinds left out stay whole).
         metric: calibrated metric choosing what stays.
         output_dir: the ``save_pretrained`` folder; ``exports/<run_name>`` when empty.
     """
 
-    mlp: float = 0.5
-    heads: float = 0.0
+    levels: dict[str, float] = field(default_factory=lambda: {"mlp": 0.5})
     metric: str = "corrected_gxo"
     output_dir: str = ""
 
@@ -120,7 +121,7 @@ class ExportOptions:
 def _user_errors() -> tuple[type[Exception], ...]:
     from sparse_lightning.architectures import UnsupportedArchitectureError
     from sparse_lightning.checkpoint import CheckpointError
-    from sparse_lightning.sources import DataError
+    from sparse_lightning.data.sources import DataError
 
     return (DataError, CheckpointError, UnsupportedArchitectureError)
 
@@ -145,7 +146,7 @@ def build_parser() -> Any:
 def _add_recipe_arguments(parser: Any) -> None:
     import lightning as L
 
-    from sparse_lightning.datamodule import QADataModule
+    from sparse_lightning.data import QADataModule
 
     parser.add_class_arguments(ModelOptions, "model")
     parser.add_class_arguments(QADataModule, "data", skip={"tokenizer"})
@@ -232,7 +233,7 @@ def evaluate(
     module = module or _module(recipe)
     _load_checkpoint(module, path)
     options = recipe.evaluation
-    settings = sweep_settings(options.modes, options.mlp, options.heads, options.metric)
+    settings = sweep_settings(options.modes, options.levels, options.metric)
     started = time.time()
     rows = run_sweep(
         module,
@@ -288,7 +289,7 @@ def export(recipe: Recipe) -> Path:
     options = recipe.export
     module = _module(recipe)
     _load_checkpoint(module, recipe.calibration.checkpoint)
-    module.set_sparsity(mlp=options.mlp, heads=options.heads, mode="static", metric=options.metric)
+    module.set_sparsity(mode="static", metric=options.metric, **options.levels)
     target = Path(options.output_dir or Path("exports") / recipe.calibration.run_name)
     compacted = module.compact()
     compacted.save_pretrained(target)

@@ -1,63 +1,41 @@
-"""``SparseActivationModule``: a Hugging Face causal LM as a frozen LightningModule."""
+"""``SparseActivationModule``: a Hugging Face causal LM as a frozen LightningModule.
+
+The module owns the model and the sparsity lifecycle; the work is done elsewhere: capture and
+gradients in :mod:`~sparse_lightning.attribution.capture`, selection in
+:mod:`~sparse_lightning.selection`, everything that touches the model in
+:class:`~sparse_lightning.inference.sparsifier.Sparsifier`, batches in
+:mod:`~sparse_lightning.data.teacher_forcing`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 
 from sparse_lightning.architectures import ResolvedArchitecture, resolve
-from sparse_lightning.attribution.functional import per_token_score
+from sparse_lightning.attribution.capture import (
+    ActivationCapture,
+    CapturedUnits,
+    differentiate,
+    gradients_enabled,
+)
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.checkpoint import load_statistics
-from sparse_lightning.compaction import compact
-from sparse_lightning.hooks import ActivationCapture, UnitMasking, gradients_enabled
+from sparse_lightning.data.teacher_forcing import TeacherForcedBatch, teacher_forced, until_first
+from sparse_lightning.inference import Sparsifier, compact, sparsity_report
 from sparse_lightning.models import load_model
-from sparse_lightning.selectors import OracleSelector
-from sparse_lightning.sparsity import SparsityConfig, build_selectors, sparsity_report
+from sparse_lightning.selection import SparsityConfig, build_selectors
+from sparse_lightning.units import UNIT_KINDS
 
 Targets = Literal["dense", "reference"]
-
-
-@dataclass
-class TeacherForcedBatch:
-    """Prompt + answer sequences, right-padded, ready for one teacher-forced forward.
-
-    Attributes:
-        input_ids: ``(B, S)`` prompt tokens followed by answer tokens, then padding.
-        attention_mask: ``(B, S)``, 1 on real tokens.
-        labels: ``(B, S)``, the token id at answer positions, -100 elsewhere.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-
-    @property
-    def predict_mask(self) -> Tensor:
-        """``(B, S)`` bool: positions whose next token is an answer token (they carry the loss)."""
-        mask = torch.zeros_like(self.labels, dtype=torch.bool)
-        mask[:, :-1] = self.labels[:, 1:] != -100
-        return mask
-
-    @property
-    def num_answer_tokens(self) -> int:
-        return int((self.labels != -100).sum())
-
-    def autograd_ready(self) -> TeacherForcedBatch:
-        """Copies that autograd may save (tensors made under inference mode may not be)."""
-        with torch.inference_mode(False):
-            return TeacherForcedBatch(
-                self.input_ids.clone(), self.attention_mask.clone(), self.labels.clone()
-            )
 
 
 class SparseActivationModule(L.LightningModule):
@@ -108,10 +86,10 @@ class SparseActivationModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.targets: Targets = targets
         self.max_new_tokens = max_new_tokens
-        self.activation_capture: ActivationCapture | None = None
         self.statistics: Statistics | None = None
         self.sparsity = SparsityConfig()
-        self.masking: UnitMasking | None = None
+        self.sparsifier: Sparsifier | None = None
+        self._capture: ActivationCapture | None = None
 
     # --------------------------------------------------------------------------- sparsity
     @classmethod
@@ -119,12 +97,10 @@ class SparseActivationModule(L.LightningModule):
         cls,
         model: PreTrainedModel | str | os.PathLike[str],
         path: str | os.PathLike[str],
-        sparsity: float | None = 0.5,
+        sparsity: float | SparsityConfig | None = 0.5,
         *,
-        mlp: float | None = None,
-        heads: float | None = None,
-        mode: str = "dynamic",
-        metric: str = "corrected_gxo",
+        mode: str | None = None,
+        metric: str | None = None,
         **kwargs: Any,
     ) -> SparseActivationModule:
         """Wrap ``model`` and apply sparsity chosen from a calibration checkpoint.
@@ -132,22 +108,23 @@ class SparseActivationModule(L.LightningModule):
         Args:
             model: as for the constructor.
             path: a ``.safetensors`` checkpoint written by the calibration callback.
-            sparsity: fraction of units zeroed, for MLP neurons and heads alike.
-            mlp: MLP fraction, overriding ``sparsity``.
-            heads: head fraction, overriding ``sparsity``.
-            mode: ``"dynamic"``, ``"magnitude"``, ``"static"``, ``"oracle"`` or ``"gate"``
-                (see :mod:`~sparse_lightning.selectors`).
-            metric: ranking metric of ``static`` and ``oracle``.
-            **kwargs: passed to the constructor (``tokenizer``, ``targets``, ...).
+            sparsity: fraction of units zeroed for every unit kind not named in ``kwargs``,
+                or a whole :class:`~sparse_lightning.selection.SparsityConfig`.
+            mode: ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or
+                ``"gate"`` (see :data:`~sparse_lightning.selection.MODES`).
+            metric: ranking metric of ``static`` and ``oracle`` (``"corrected_gxo"``).
+            **kwargs: a level per unit kind (``mlp=0.7, heads=0.0``); the rest goes to the
+                constructor (``tokenizer``, ``targets``, ...).
 
         Example:
             >>> module = SparseActivationModule.from_pretrained(  # doctest: +SKIP
             ...     model, "checkpoints/smollm2.safetensors", mlp=0.7, heads=0.0)
             >>> module.model.generate(**inputs)  # sparse  # doctest: +SKIP
         """
+        levels = {k: kwargs.pop(k) for k in list(kwargs) if k in UNIT_KINDS}
         module = cls(model, **kwargs)
         module.load_statistics(path)
-        module.set_sparsity(sparsity, mlp=mlp, heads=heads, mode=mode, metric=metric)
+        module.set_sparsity(sparsity, mode=mode, metric=metric, **levels)
         return module
 
     def load_statistics(self, path: str | os.PathLike[str]) -> Statistics:
@@ -157,33 +134,38 @@ class SparseActivationModule(L.LightningModule):
 
     def set_sparsity(
         self,
-        sparsity: float | None = None,
+        sparsity: float | SparsityConfig | None = None,
         *,
-        mlp: float | None = None,
-        heads: float | None = None,
-        mode: str = "dynamic",
-        metric: str = "corrected_gxo",
+        mode: str | None = None,
+        metric: str | None = None,
+        **levels: float,
     ) -> SparsityConfig:
-        """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense."""
-        base = 0.0 if sparsity is None else sparsity
-        config = SparsityConfig(
-            mlp=base if mlp is None else mlp,
-            heads=base if heads is None else heads,
-            mode=mode,
-            metric=metric,
-        )
+        """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense.
+
+        Args:
+            sparsity: the level of every unit kind not named in ``levels`` (0 when omitted),
+                or a whole :class:`~sparse_lightning.selection.SparsityConfig`.
+            mode: selection mode (``"dynamic"`` by default).
+            metric: ranking metric of ``static`` and ``oracle``.
+            **levels: a level per unit kind, e.g. ``mlp=0.7, heads=0.0``.
+
+        Example:
+            >>> module.set_sparsity(mlp=0.5, mode="magnitude")  # doctest: +SKIP
+            >>> module.set_sparsity(SparsityConfig(mlp=0.5, heads=0.25))  # doctest: +SKIP
+        """
+        config = SparsityConfig.from_arguments(sparsity, mode=mode, metric=metric, **levels)
         selectors = build_selectors(config, self.architecture, self.statistics)
         self.disable_sparsity()
         self.sparsity = config
         if selectors:
-            self.masking = UnitMasking(self.architecture, selectors)
+            self.sparsifier = Sparsifier(self.model, self.architecture, selectors)
         return config
 
     def disable_sparsity(self) -> None:
         """Back to the dense model (the statistics stay loaded)."""
-        if self.masking is not None:
-            self.masking.remove()
-        self.masking = None
+        if self.sparsifier is not None:
+            self.sparsifier.remove()
+        self.sparsifier = None
         self.sparsity = SparsityConfig()
 
     def dense(self) -> contextlib.AbstractContextManager[None]:
@@ -193,21 +175,20 @@ class SparseActivationModule(L.LightningModule):
             >>> with module.dense():  # doctest: +SKIP
             ...     reference = module.model(**inputs).logits
         """
-        return self.masking.paused() if self.masking is not None else contextlib.nullcontext()
+        return self.sparsifier.paused() if self.sparsifier is not None else contextlib.nullcontext()
 
     def realized_sparsity(self, reset: bool = False) -> dict[str, float]:
         """What the forwards since the last reset really zeroed.
 
         Returns:
-            ``mlp_zero_ratio``, ``head_zero_ratio``, ``paper_sparsity`` (1/3 heads + 2/3 MLP)
-            and ``linear_flops_skippable`` (share of all linear-layer multiply-adds).
+            Per unit kind its zero ratio (``mlp_zero_ratio``, ``head_zero_ratio``),
+            ``paper_sparsity`` (1/3 heads + 2/3 MLP) and ``linear_macs_skippable`` (the share
+            of all linear-layer multiply-adds that the zeroed units account for).
         """
-        realized = self.masking.realized() if self.masking is not None else {}
-        if reset and self.masking is not None:
-            self.masking.reset_counts()
-        config = self.model.config
-        hidden = int(config.hidden_size)
-        return sparsity_report(realized, self.architecture, hidden, int(config.vocab_size))
+        realized = self.sparsifier.realized() if self.sparsifier is not None else {}
+        if reset and self.sparsifier is not None:
+            self.sparsifier.reset_counts()
+        return sparsity_report(realized, self.model, self.architecture)
 
     def compact(self) -> PreTrainedModel:
         """A smaller stock model without the units the current static masks drop.
@@ -215,55 +196,83 @@ class SparseActivationModule(L.LightningModule):
         Loads with plain ``AutoModelForCausalLM.from_pretrained`` after ``save_pretrained`` and
         gives the masked model's outputs. Needs ``mode="static"``.
         """
-        if self.masking is None or self.sparsity.mode != "static":
+        if self.sparsifier is None:
             raise RuntimeError(
                 "Only static masks remove the same units for every token; call "
                 "set_sparsity(..., mode='static') before compact()."
             )
-        masks = {kind: sel.masks for kind, sel in self.masking.selectors.items()}
-        return compact(self.model, masks)
+        return compact(self.model, self.sparsifier.static_masks())
 
-    def prepare_oracle(
-        self, batch: TeacherForcedBatch, units: dict[str, tuple[list, list]] | None = None
+    # ---------------------------------------------------------------------------- capture
+    def start_capture(self, kinds: Sequence[str] | None = None) -> ActivationCapture:
+        """Record units during ``validation_step`` (with gradients) until :meth:`stop_capture`.
+
+        :class:`~sparse_lightning.calibration.AttributionCalibration` calls it when validation
+        starts; it then differentiates each step's ``loss_sum`` with
+        :func:`~sparse_lightning.attribution.capture.differentiate`.
+
+        Raises:
+            RuntimeError: the module runs sparse (calibration measures the dense model).
+        """
+        if self.sparsifier is not None:
+            raise RuntimeError(
+                "The module runs sparse; calibration measures the dense model. Call "
+                "module.disable_sparsity() before trainer.validate with AttributionCalibration."
+            )
+        self.stop_capture()
+        self._capture = ActivationCapture(self.architecture, kinds).__enter__()
+        return self._capture
+
+    @property
+    def active_capture(self) -> ActivationCapture | None:
+        """The capture of :meth:`start_capture`, while it runs."""
+        return self._capture
+
+    def stop_capture(self) -> None:
+        """Remove the capture hooks of :meth:`start_capture` (idempotent)."""
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+
+    @contextlib.contextmanager
+    def capturing(self, kinds: Sequence[str] | None = None) -> Iterator[ActivationCapture]:
+        """:meth:`start_capture` ... :meth:`stop_capture` as a ``with`` block."""
+        try:
+            yield self.start_capture(kinds)
+        finally:
+            self.stop_capture()
+
+    def dense_units_and_gradients(
+        self, batch: TeacherForcedBatch, kinds: Sequence[str] | None = None
+    ) -> dict[str, CapturedUnits]:
+        """Per layer ``(tokens, units, width)`` activations and loss gradients, dense model."""
+        batch = batch.autograd_ready()
+        capture = ActivationCapture(self.architecture, kinds)
+        with self.dense(), capture, gradients_enabled():
+            with capture.record():
+                loss = self.answer_loss(batch)
+            return differentiate(capture, loss)
+
+    def prepare_masks(
+        self, batch: TeacherForcedBatch, units: dict[str, CapturedUnits] | None = None
     ) -> None:
-        """Oracle mode: score every token from this batch's own dense gradients.
-
-        The dense model's loss on ``batch`` (its labels, e.g. the dense answer) is
-        differentiated once; each layer keeps, per token, the top units by ``metric``.
+        """Per-batch masks (``mode="oracle"``): score every token from this batch's own dense
+        gradients; a no-op for selectors that decide on their own.
 
         Args:
-            batch: the teacher-forced batch about to be run.
+            batch: the teacher-forced batch about to be run (its labels carry the loss).
             units: precomputed :meth:`dense_units_and_gradients` of ``batch`` (lets several
                 oracle settings share one backward).
         """
-        if self.masking is None or self.sparsity.mode != "oracle":
-            raise RuntimeError("prepare_oracle needs set_sparsity(..., mode='oracle') first.")
+        if self.sparsifier is None or not self.sparsifier.needs_batch:
+            return
         if units is None:
-            units = self.dense_units_and_gradients(batch, tuple(self.masking.selectors))
-        for kind, selector in self.masking.selectors.items():
-            assert isinstance(selector, OracleSelector)
-            a, g = units[kind]
-            metric = self.sparsity.metric
-            selector.set_scores([per_token_score(metric, x, y) for x, y in zip(a, g, strict=True)])
-
-    def dense_units_and_gradients(
-        self, batch: TeacherForcedBatch, kinds: tuple[str, ...] = ("mlp", "heads")
-    ) -> dict[str, tuple[list[Tensor], list[Tensor]]]:
-        """Per layer ``(tokens, units, width)`` activations and loss gradients, dense model."""
-        batch = batch.autograd_ready()
-        with self.dense(), ActivationCapture(self.architecture, kinds) as capture:
-            with gradients_enabled():
-                with capture.record():
-                    loss = self.answer_loss(batch)
-                grads = torch.autograd.grad(loss, capture.tensors())
-            acts = [t.detach() for t in capture.tensors()]
-            a_by, g_by = capture.by_kind(acts), capture.by_kind(grads)
-        return {kind: (a_by[kind], g_by[kind]) for kind in a_by}
+            units = self.dense_units_and_gradients(batch, self.sparsifier.batch_kinds())
+        self.sparsifier.prepare(units)
 
     def sparse_logits(self, batch: TeacherForcedBatch) -> Tensor:
-        """Teacher-forced logits under the current sparsity (oracle masks prepared first)."""
-        if self.masking is not None and self.sparsity.mode == "oracle":
-            self.prepare_oracle(batch)
+        """Teacher-forced logits under the current sparsity (per-batch masks prepared first)."""
+        self.prepare_masks(batch)
         with torch.no_grad():
             return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
@@ -307,23 +316,12 @@ class SparseActivationModule(L.LightningModule):
         else:
             _require(batch, ("answer_input_ids", "answer_attention_mask"))
             answers, answer_mask = batch["answer_input_ids"], batch["answer_attention_mask"]
-        sequences, labels = [], []
-        for prompt, p_mask, answer, a_mask in zip(
+        tf = teacher_forced(
             batch["prompt_input_ids"],
             batch["prompt_attention_mask"],
             answers,
             answer_mask,
-            strict=True,
-        ):
-            prompt, answer = prompt[p_mask.bool()], answer[a_mask.bool()]
-            sequences.append(torch.cat([prompt, answer]))
-            labels.append(torch.cat([torch.full_like(prompt, -100), answer]))
-        tf = TeacherForcedBatch(
-            input_ids=pad_sequence(sequences, batch_first=True, padding_value=self.pad_token_id),
-            attention_mask=pad_sequence(
-                [torch.ones_like(s) for s in sequences], batch_first=True, padding_value=0
-            ),
-            labels=pad_sequence(labels, batch_first=True, padding_value=-100),
+            self.pad_token_id,
         )
         if tf.num_answer_tokens == 0:
             raise ValueError(
@@ -349,12 +347,7 @@ class SparseActivationModule(L.LightningModule):
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
         )[:, prompt_ids.shape[1] :]
-        mask = torch.ones_like(generated)
-        if self.eos_token_id is not None:
-            is_eos = (generated == self.eos_token_id).long()
-            # Keep tokens up to the first EOS inclusive: zero where an EOS came strictly before.
-            mask = (is_eos.cumsum(1) - is_eos == 0).long()
-        return generated, mask
+        return generated, until_first(generated, self.eos_token_id)
 
     # --------------------------------------------------------------------------------- loss
     def answer_loss(self, batch: TeacherForcedBatch) -> Tensor:
@@ -378,25 +371,24 @@ class SparseActivationModule(L.LightningModule):
         return self.model(*args, **kwargs)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        """Teacher-forced answer loss; with gradients when a calibration capture is attached.
+        """Teacher-forced answer loss; with gradients while a capture is started.
 
         Returns:
-            ``{"loss": mean CE, "loss_sum": summed CE (graph attached while calibrating),
+            ``{"loss": mean CE, "loss_sum": summed CE (graph attached while capturing),
             "batch": TeacherForcedBatch}`` for callbacks.
         """
         tf = self.prepare_batch(batch)
-        if self.activation_capture is None:
-            if self.masking is not None and self.sparsity.mode == "oracle":
-                self.prepare_oracle(tf)
+        if self._capture is None:
+            self.prepare_masks(tf)
             loss_sum = self.answer_loss(tf)
         else:
             tf = tf.autograd_ready()
-            with gradients_enabled(), self.activation_capture.record():
+            with gradients_enabled(), self._capture.record():
                 loss_sum = self.answer_loss(tf)
         tokens = tf.num_answer_tokens
         loss = loss_sum.detach() / tokens
         self.log("val_loss", loss, batch_size=tokens, prog_bar=True, sync_dist=True)
-        if self.masking is not None:
+        if self.sparsifier is not None:
             report = self.realized_sparsity(reset=True)
             self.log_dict({f"sparsity/{k}": v for k, v in report.items()}, batch_size=tokens)
         return {"loss": loss, "loss_sum": loss_sum, "batch": tf}

@@ -11,7 +11,7 @@ def test_resolve_counts_units_of_every_architecture(model_type):
     model = tiny_model(model_type)
     arch = resolve(model)
     assert arch.model_type == model_type
-    assert (arch.num_layers, arch.mlp_units, arch.num_heads, arch.head_dim) == (2, 37, 4, 8)
+    assert (arch.num_layers, arch.units("mlp"), arch.num_heads, arch.head_dim) == (2, 37, 4, 8)
     expected_kv = 2 if model_type in ("llama", "mistral", "qwen2") else 4
     assert arch.fingerprint.num_kv_heads == expected_kv
     # The hooked modules really consume the units: their input width is units * width.
@@ -35,4 +35,4 @@ def test_unsupported_architecture_names_it_and_lists_supported():
     assert "'bloom'" in message
     for name in ARCH_TYPES:
         assert name in message
-    assert "architectures.py" in message
+    assert "overrides.py" in message

@@ -11,7 +11,7 @@ from conftest import char_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
 from sparse_lightning.cli import build_parser, main
-from sparse_lightning.selectors import kept_count
+from sparse_lightning.selection import kept_count
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -38,7 +38,7 @@ def options(folder: Path, tmp_path: Path) -> list[str]:
         f"--calibration.dirpath={tmp_path / 'ck'}",
         "--calibration.run_name=tiny",
         "--evaluation.modes=[magnitude,static]",
-        "--evaluation.mlp=[0.5]",
+        "--evaluation.levels={mlp: [0.5]}",
         f"--evaluation.output_dir={tmp_path / 'results'}",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
@@ -73,7 +73,7 @@ def test_export_reloads_in_stock_transformers_with_fewer_neurons(tiny_folder, tm
         [
             "export",
             *options(tiny_folder, tmp_path),
-            "--export.mlp=0.5",
+            "--export.levels={mlp: 0.5}",
             f"--export.output_dir={target}",
         ]
     )

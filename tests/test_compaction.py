@@ -78,7 +78,7 @@ def test_compacted_model_decodes_like_the_masked_model(model_type, tmp_path):
     _, _, callback = calibrate(
         tiny_model(model_type), loader_of(token_pairs(4)), run_name="d", dirpath=tmp_path
     )
-    heads = 0.5 if ARCHITECTURES[model_type].separate_qkv else 0.0
+    heads = 0.5 if ARCHITECTURES[model_type].heads_removable else 0.0
     module = SparseActivationModule.from_pretrained(
         tiny_model(model_type), callback.checkpoint_path, mlp=0.5, heads=heads, mode="static"
     )

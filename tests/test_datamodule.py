@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, char_tokenizer
 
-from sparse_lightning.datamodule import QADataModule
-from sparse_lightning.sources import DataError, load_examples
+from sparse_lightning.data import QADataModule
+from sparse_lightning.data.sources import DataError, load_examples
 
 TRUTHFULQA = SHARED_DATA / "TruthfulQA.csv"
 OPENBOOKQA = SHARED_DATA / "openbookqa_test.jsonl"

@@ -10,9 +10,9 @@ import torch
 from conftest import ARCH_TYPES, calibrate, char_tokenizer, quiet_trainer, tiny_model
 
 from sparse_lightning import SparseActivationModule
-from sparse_lightning.datamodule import QADataModule
+from sparse_lightning.data import QADataModule
 from sparse_lightning.evaluation import QAEvaluation, run_sweep, sweep_settings
-from sparse_lightning.sparsity import SparsityConfig
+from sparse_lightning.selection import SparsityConfig
 
 
 def char_model(model_type: str = "llama"):
@@ -46,7 +46,7 @@ def test_dense_setting_agrees_with_itself_and_sparse_settings_differ(model_type)
     assert dense["realized_paper_sparsity"] == 0.0
     assert sparse["kl"] > 1e-6  # dense against itself is exactly 0
     assert sparse["realized_mlp_zero_ratio"] == pytest.approx(1 - 4 / 37, abs=1e-6)
-    assert module.masking is None  # the module is left as it was (dense)
+    assert module.sparsifier is None  # the module is left as it was (dense)
 
 
 def test_gold_perplexity_equals_plain_model_math():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_lightning.attribution import functional as F
-from sparse_lightning.attribution.scores import AttributionScores
+from sparse_lightning.attribution.sums import AttributionSums
 
 
 def test_neuron_metrics_by_hand():
@@ -63,7 +63,7 @@ def test_ig_converges_to_exact_path_integral_of_a_cubic():
 
 
 def test_scores_metric_sums_tokens_and_layers():
-    scores = AttributionScores("mlp", num_layers=2, num_units=2, integrated_gradients=True)
+    scores = AttributionSums("mlp", num_layers=2, num_units=2, integrated_gradients=True)
     a1 = torch.tensor([[[1.0], [2.0]], [[3.0], [-1.0]]])
     g1 = torch.tensor([[[0.5], [0.5]], [[-1.0], [2.0]]])
     scores.update(0, a1, g1, g1)

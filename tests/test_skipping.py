@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import ARCH_TYPES, tiny_model
 
 from sparse_lightning import SparseActivationModule
-from sparse_lightning.selectors import kept_count
+from sparse_lightning.selection import kept_count
 
 PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
 
@@ -38,10 +38,10 @@ def test_cut_decode_equals_masked_reference(model_type, mlp):
     module = gate_module(model_type, mlp)
     cut = decode_logits(module)
     cut_realized = module.realized_sparsity(reset=True)["mlp_zero_ratio"]
-    module.masking.gather = False
+    module.sparsifier.gather = False
     masked = decode_logits(module)
     torch.testing.assert_close(cut, masked, atol=1e-4, rtol=0)
-    units = module.architecture.mlp_units
+    units = module.architecture.units("mlp")
     assert cut_realized == pytest.approx(1 - kept_count(units, mlp) / units)
     with torch.no_grad():
         dense = tiny_model(model_type)(PROMPT).logits[:, -1]
@@ -58,7 +58,7 @@ def test_generate_with_cut_path_equals_masked_generate(model_type):
         return out[0, PROMPT.shape[1] :].tolist()
 
     cut = generate()
-    module.masking.gather = False
+    module.sparsifier.gather = False
     assert cut == generate()
 
 
@@ -106,6 +106,6 @@ def test_disable_restores_plain_model_exactly(model_type):
     # summation order, so equal up to rounding; after disable, bit for bit.
     torch.testing.assert_close(paused, plain, atol=1e-6, rtol=0)
     assert torch.equal(restored, plain)
-    for out_proj in module.architecture.mlp_out_modules:
+    for out_proj in module.architecture.out_modules("mlp"):
         assert out_proj.weight.is_contiguous()
         assert "forward" not in out_proj.__dict__

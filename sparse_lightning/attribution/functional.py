@@ -26,19 +26,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-
-#: Every metric sparse_lightning computes, in the order the paper's table lists them.
-METRICS = (
-    "magnitude",
-    "gradient",
-    "gxo",
-    "snip",
-    "fisher",
-    "integrated_gradients",
-    "corrected_gxo",
-)
 
 
 def magnitude(a: Tensor) -> Tensor:
@@ -140,18 +132,60 @@ def histogram_quantile(histogram: Tensor, q: float) -> float:
     return 10 ** (lo + (b + frac) * width)
 
 
+@dataclass(frozen=True)
+class AttributionMetric:
+    """One row of :data:`METRICS`.
+
+    Attributes:
+        score: ``(a, g) -> (..., units)`` keep-score; for integrated gradients ``g`` is the
+            gradient averaged over the integration path.
+        one_backward: the score needs only the dense gradient (one backward), so it can also
+            be taken per token at inference time (the oracle); integrated gradients needs
+            ``ig_steps`` of them.
+    """
+
+    score: Callable[[Tensor, Tensor], Tensor]
+    one_backward: bool = True
+
+
+#: Every attribution metric, in the order the paper's table lists them: the one table that
+#: calibration sums, statistics, checkpoints, selection and the CLI read.
+METRICS: dict[str, AttributionMetric] = {
+    "magnitude": AttributionMetric(lambda a, g: magnitude(a)),
+    "gradient": AttributionMetric(lambda a, g: gradient(g)),
+    "gxo": AttributionMetric(gxo),
+    "snip": AttributionMetric(snip),
+    "fisher": AttributionMetric(fisher),
+    "integrated_gradients": AttributionMetric(integrated_gradients, one_backward=False),
+    "corrected_gxo": AttributionMetric(corrected_gxo),
+}
+
+#: Per-unit sums calibration keeps besides the metrics (second moments, for variances).
+AUXILIARY_SUMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "sq_magnitude": lambda a, g: a.square().sum(-1),
+    "sq_gradient": lambda a, g: g.square().sum(-1),
+}
+
+#: Metrics an oracle can score per token from one backward.
+ORACLE_METRICS = tuple(name for name, m in METRICS.items() if m.one_backward)
+
+
+def check_metric(metric: str, one_backward: bool = False) -> str:
+    """``metric`` if it is in :data:`METRICS` (and needs one backward, when asked).
+
+    Raises:
+        ValueError: an unknown metric, or one that needs several backward passes.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}.")
+    if one_backward and not METRICS[metric].one_backward:
+        raise ValueError(
+            f"The oracle scores each token from one backward; metric {metric!r} is not "
+            f"available there. Choose one of {ORACLE_METRICS}."
+        )
+    return metric
+
+
 def per_token_score(metric: str, a: Tensor, g: Tensor) -> Tensor:
     """The keep-score of ``metric`` for every token and unit (metrics that need one backward)."""
-    table = {
-        "magnitude": lambda: magnitude(a),
-        "gradient": lambda: gradient(g),
-        "gxo": lambda: gxo(a, g),
-        "snip": lambda: snip(a, g),
-        "fisher": lambda: fisher(a, g),
-        "corrected_gxo": lambda: corrected_gxo(a, g),
-    }
-    if metric not in table:
-        raise ValueError(
-            f"{metric!r} has no one-backward per-token score; use one of {list(table)}."
-        )
-    return table[metric]()
+    return METRICS[check_metric(metric, one_backward=True)].score(a, g)

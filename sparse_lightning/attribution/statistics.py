@@ -1,6 +1,6 @@
 """The result of a calibration run: per-layer, per-unit sums over calibration tokens.
 
-One :class:`UnitStatistics` per unit kind (``"mlp"`` neurons, attention ``"heads"``); a
+One :class:`UnitStatistics` per unit kind (see :mod:`sparse_lightning.units`); a
 :class:`Statistics` bundles them with what produced them. The same object is what the
 calibration callback produces, what a sparsity checkpoint stores and what selectors read.
 
@@ -33,20 +33,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sparse_lightning.attribution.functional import METRICS, histogram_quantile
-
-#: Per-unit sums every run accumulates (``integrated_gradients`` only when IG steps > 0).
-UNIT_SUMS = (
-    "magnitude",
-    "sq_magnitude",
-    "gradient",
-    "sq_gradient",
-    "gxo",
-    "snip",
-    "fisher",
-    "corrected_gxo",
-    "integrated_gradients",
+from sparse_lightning.attribution.functional import (
+    AUXILIARY_SUMS,
+    METRICS,
+    check_metric,
+    histogram_quantile,
 )
+from sparse_lightning.units import UNIT_KINDS
+
+#: Per-unit sums a run accumulates: every metric (``integrated_gradients`` only when IG steps
+#: > 0) and the auxiliary second moments.
+UNIT_SUMS = (*METRICS, *AUXILIARY_SUMS)
 
 
 @dataclass
@@ -54,7 +51,7 @@ class UnitStatistics:
     """Sums over calibration tokens for one unit kind.
 
     Attributes:
-        kind: ``"mlp"`` or ``"heads"``.
+        kind: the unit kind (see :mod:`sparse_lightning.units`).
         tokens: number of tokens summed over.
         sums: name (see :data:`UNIT_SUMS`) -> ``(layers, units)`` float64 tensor.
         layer_grad_norm: ``(layers,)`` sum over tokens of the layer's gradient norm.
@@ -97,9 +94,7 @@ class UnitStatistics:
 
     def score(self, metric: str) -> Tensor:
         """Mean per-token keep-score of every unit under ``metric`` (one of :data:`METRICS`)."""
-        if metric not in METRICS:
-            raise ValueError(f"Unknown metric {metric!r}; expected one of {METRICS}.")
-        return self.mean(metric)
+        return self.mean(check_metric(metric))
 
 
 @dataclass
@@ -107,7 +102,7 @@ class Statistics:
     """Calibration statistics of every unit kind, with a description of the run.
 
     Attributes:
-        units: ``"mlp"`` and/or ``"heads"`` -> :class:`UnitStatistics`.
+        units: unit kind (see :mod:`sparse_lightning.units`) -> :class:`UnitStatistics`.
         ig_steps: integration steps used for integrated gradients (0 = not computed).
         metadata: free-form strings describing the run (targets, dataset, model).
     """
@@ -116,13 +111,11 @@ class Statistics:
     ig_steps: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def mlp(self) -> UnitStatistics:
-        return self["mlp"]
-
-    @property
-    def heads(self) -> UnitStatistics:
-        return self["heads"]
+    def __getattr__(self, name: str) -> UnitStatistics:
+        # ``statistics.mlp``, ``statistics.heads``: one attribute per row of the unit table.
+        if name in UNIT_KINDS:
+            return self[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def tokens(self) -> int:

@@ -5,7 +5,7 @@ The dense reference of a batch (greedy answers, teacher-forced logits) is comput
 settings costs ten sparse passes plus one dense one, not twenty.
 
 Example:
-    >>> from sparse_lightning.sparsity import SparsityConfig
+    >>> from sparse_lightning.selection import SparsityConfig
     >>> evaluation = QAEvaluation([SparsityConfig(), SparsityConfig(mlp=0.5)])
     >>> trainer = L.Trainer(callbacks=[evaluation])  # doctest: +SKIP
     >>> trainer.test(module, datamodule=dm)  # doctest: +SKIP
@@ -21,19 +21,26 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from sparse_lightning.data.collate import pad
+from sparse_lightning.data.teacher_forcing import IGNORE, TeacherForcedBatch
 from sparse_lightning.evaluation.functional import sequence_log_likelihood
 from sparse_lightning.evaluation.metrics import QAMetrics
-from sparse_lightning.module import SparseActivationModule, TeacherForcedBatch
-from sparse_lightning.sparsity import SparsityConfig
+from sparse_lightning.module import SparseActivationModule
+from sparse_lightning.selection import SparsityConfig
+from sparse_lightning.units import UNIT_KINDS
+
+#: Realized-sparsity keys averaged into every result row (as ``realized_<key>``).
+REALIZED_KEYS = (*(kind.ratio_key for kind in UNIT_KINDS.values()), "paper_sparsity")
 
 
 class QAEvaluation(L.Callback):
     """Evaluates sparsity settings against the dense model during ``trainer.test``.
 
     Args:
-        settings: the sparsity settings to compare (``SparsityConfig(mlp=0, heads=0)`` is the
-            dense model itself). Oracle settings get teacher-forced metrics only: their masks
-            need the answer's own gradients, which free generation and choices do not have.
+        settings: the sparsity settings to compare (``SparsityConfig()`` is the dense model
+            itself). Settings whose masks come from the batch itself (the oracle) get
+            teacher-forced metrics only: their masks need the answer's own gradients, which
+            free generation and choices do not have.
         generation: greedy-answer metrics (BLEU vs dense, gold SacreBLEU/ROUGE/SQuAD).
         teacher_forced: top-1 agreement and KL vs dense, gold-answer perplexity.
         multiple_choice: choice accuracy where examples have choices.
@@ -86,9 +93,7 @@ class QAEvaluation(L.Callback):
         dense_tf: TeacherForcedBatch = outputs["batch"]
         reference = self.dense_reference(pl_module, batch, dense_tf)
         for index, setting in enumerate(self.settings):
-            pl_module.set_sparsity(
-                mlp=setting.mlp, heads=setting.heads, mode=setting.mode, metric=setting.metric
-            )
+            pl_module.set_sparsity(setting)
             self.evaluate_setting(pl_module, setting, self.metrics[index], batch, reference)
             self.realized[index].append(pl_module.realized_sparsity(reset=True))
         pl_module.disable_sparsity()
@@ -100,16 +105,13 @@ class QAEvaluation(L.Callback):
         ):
             row: dict[str, Any] = setting.as_dict()
             row.update(metrics.compute())
-            for key in ("mlp_zero_ratio", "head_zero_ratio", "paper_sparsity"):
+            for key in REALIZED_KEYS:
                 row[f"realized_{key}"] = sum(r[key] for r in realized) / max(1, len(realized))
             row["activation_ratio"] = 1.0 - row["realized_paper_sparsity"]
             self.results.append(row)
         assert isinstance(pl_module, SparseActivationModule)
-        restore = self._restore
-        if not restore.is_dense:
-            pl_module.set_sparsity(
-                mlp=restore.mlp, heads=restore.heads, mode=restore.mode, metric=restore.metric
-            )
+        if not self._restore.is_dense:
+            pl_module.set_sparsity(self._restore)
 
     # --------------------------------------------------------------- override points
     def dense_reference(
@@ -137,20 +139,20 @@ class QAEvaluation(L.Callback):
         reference: dict[str, Any],
     ) -> None:
         """Update one setting's metrics on one batch (the setting is already applied)."""
-        oracle = setting.mode == "oracle" and not setting.is_dense
+        per_batch = module.sparsifier is not None and module.sparsifier.needs_batch
         if self.teacher_forced:
             tf: TeacherForcedBatch = reference["tf"]
             logits = module.sparse_logits(tf)
             metrics.update_teacher_forced(reference["logits"], logits[tf.predict_mask])
             gold: TeacherForcedBatch = reference["gold"]
             metrics.update_perplexity(module.sparse_logits(gold), gold.labels)
-        if self.generation and not oracle:
+        if self.generation and not per_batch:
             answers, mask = module.generate_answers(
                 batch["prompt_input_ids"], batch["prompt_attention_mask"]
             )
             texts = _decode(module, answers, mask)
             metrics.update_generation(texts, reference["answers"], batch["correct_answers"])
-        if self.multiple_choice and not oracle and any(batch["choices"]):
+        if self.multiple_choice and not per_batch and any(batch["choices"]):
             scores = self.choice_log_likelihoods(module, batch)
             metrics.update_choices(scores, batch["label"])
 
@@ -166,10 +168,10 @@ class QAEvaluation(L.Callback):
         scores: list[list[float]] = [[] for _ in batch["choice_input_ids"]]
         for start in range(0, len(rows), self.choice_batch_size):
             chunk = rows[start : start + self.choice_batch_size]
-            ids, labels = _pack([(p, c) for _, p, c in chunk], module.pad_token_id)
-            ids, labels = ids.to(module.device), labels.to(module.device)
+            ids, mask, labels = _pack([(p, c) for _, p, c in chunk], module.pad_token_id)
+            ids, mask, labels = (t.to(module.device) for t in (ids, mask, labels))
             with torch.no_grad():
-                logits = module.model(input_ids=ids, attention_mask=(labels != -200).long()).logits
+                logits = module.model(input_ids=ids, attention_mask=mask).logits
             chunk_scores = sequence_log_likelihood(logits, labels)
             for (question, _, _), score in zip(chunk, chunk_scores, strict=True):
                 scores[question].append(float(score))
@@ -190,14 +192,10 @@ def _decode(module: SparseActivationModule, answers: Tensor, mask: Tensor) -> li
     ]
 
 
-def _pack(pairs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Tensor, Tensor]:
-    """Right-padded ``prompt + choice`` ids and labels (-100 on the prompt, -200 on padding)."""
-    width = max(len(p) + len(c) for p, c in pairs)
-    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -200, dtype=torch.long)
-    for row, (prompt, choice) in enumerate(pairs):
-        sequence = torch.tensor([*prompt, *choice])
-        ids[row, : len(sequence)] = sequence
-        labels[row, : len(prompt)] = -100
-        labels[row, len(prompt) : len(sequence)] = sequence[len(prompt) :]
-    return ids, labels
+def _pack(
+    pairs: Sequence[tuple[list[int], list[int]]], pad_token_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``prompt + choice`` ids, attention mask, and labels on the choice only."""
+    ids, mask = pad([[*prompt, *choice] for prompt, choice in pairs], pad_token_id)
+    labels, _ = pad([[IGNORE] * len(prompt) + choice for prompt, choice in pairs], IGNORE)
+    return ids, mask, labels

@@ -22,11 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import Perplexity, ROUGEScore, SacreBLEUScore, SQuAD
 
 from sparse_lightning.evaluation.functional import agreement_and_kl, sentence_bleu
@@ -35,6 +36,32 @@ GENERATION_KEYS = ("bleu_vs_dense", "sacrebleu", "rouge1", "rouge2", "rougeL", "
 TEACHER_FORCED_KEYS = ("top1_agreement", "kl", "perplexity")
 CHOICE_KEYS = ("mc_accuracy",)
 KEYS = GENERATION_KEYS + TEACHER_FORCED_KEYS + CHOICE_KEYS
+
+#: The torchmetrics children of :class:`QAMetrics`, each computed only when some rank fed it.
+FAMILIES = ("bleu_vs_dense", "sacrebleu", "rouge", "squad", *TEACHER_FORCED_KEYS, *CHOICE_KEYS)
+
+
+class UpdateCounts(Metric):
+    """How many updates each family received, summed over processes.
+
+    ``compute()`` is collective, so :class:`QAMetrics` decides from these global counts which
+    families to compute: every rank then makes the same collective calls, even a rank that saw
+    no multiple-choice question (deciding from local counts deadlocks DDP).
+    """
+
+    full_state_update = False
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.add_state("counts", torch.zeros(len(self.names), dtype=torch.long), "sum")
+
+    def update(self, *names: str) -> None:  # type: ignore[override]
+        for name in names:
+            self.counts[self.names.index(name)] += 1
+
+    def compute(self) -> dict[str, int]:
+        return dict(zip(self.names, self.counts.tolist(), strict=True))
 
 
 class QAMetrics(torch.nn.Module):
@@ -51,7 +78,7 @@ class QAMetrics(torch.nn.Module):
         self.kl = MeanMetric()
         self.perplexity = Perplexity(ignore_index=-100)
         self.mc_accuracy = MeanMetric()
-        self._seen: set[str] = set()
+        self.updates = UpdateCounts(FAMILIES)
 
     def update_generation(
         self, answers: Sequence[str], dense_answers: Sequence[str], gold: Sequence[Sequence[str]]
@@ -59,7 +86,7 @@ class QAMetrics(torch.nn.Module):
         """Greedy answers against the dense model's and against the gold correct answers."""
         for answer, dense in zip(answers, dense_answers, strict=True):
             self.bleu_vs_dense.update(sentence_bleu(answer, dense))
-        self._seen.add("bleu_vs_dense")
+        self.updates.update("bleu_vs_dense")
         with_gold = [(a, list(g)) for a, g in zip(answers, gold, strict=True) if len(g) > 0]
         if not with_gold:
             return
@@ -73,47 +100,55 @@ class QAMetrics(torch.nn.Module):
                 for i, g in enumerate(targets)
             ],
         )
-        self._seen.update(("sacrebleu", "rouge", "squad"))
+        self.updates.update("sacrebleu", "rouge", "squad")
 
     def update_teacher_forced(self, dense_logits: Tensor, sparse_logits: Tensor) -> None:
         """``(N, V)`` logits at the answer-predicting positions of the dense answer."""
         agree, kl = agreement_and_kl(dense_logits, sparse_logits)
         self.top1_agreement.update(agree)
         self.kl.update(kl)
-        self._seen.update(("top1_agreement", "kl"))
+        self.updates.update("top1_agreement", "kl")
 
     def update_perplexity(self, logits: Tensor, labels: Tensor) -> None:
         """``(B, T, V)`` logits of prompt + gold answer; ``labels`` -100 outside the answer."""
         self.perplexity.update(logits[:, :-1].float(), labels[:, 1:])
-        self._seen.add("perplexity")
+        self.updates.update("perplexity")
 
     def update_choices(self, log_likelihoods: Sequence[Tensor], labels: Tensor) -> None:
         """One ``(choices,)`` tensor of answer log-likelihoods per question, and the right index."""
         for scores, label in zip(log_likelihoods, labels.tolist(), strict=True):
             if label >= 0 and len(scores) > 0:
                 self.mc_accuracy.update(float(int(scores.argmax()) == label))
-                self._seen.add("mc_accuracy")
+                self.updates.update("mc_accuracy")
 
     def compute(self) -> dict[str, float]:
-        """Every metric that received data, as plain floats."""
+        """Every metric that received data on some process, as plain floats.
+
+        Collective under DDP: call it on every rank; every rank makes the same calls and gets
+        the same values.
+        """
+        self.updates.update()  # marks the counter updated on a rank that saw nothing
+        seen = {name for name, count in self.updates.compute().items() if count > 0}
         out: dict[str, float] = {}
-        if "bleu_vs_dense" in self._seen:
-            out["bleu_vs_dense"] = float(self.bleu_vs_dense.compute())
-        if "sacrebleu" in self._seen:
-            out["sacrebleu"] = 100.0 * float(self.sacrebleu.compute())
-        if "rouge" in self._seen:
-            rouge = self.rouge.compute()
-            for key in ("rouge1", "rouge2", "rougeL"):
-                out[key] = 100.0 * float(rouge[f"{key}_fmeasure"])
-        if "squad" in self._seen:
-            squad = self.squad.compute()
-            out["exact_match"], out["f1"] = float(squad["exact_match"]), float(squad["f1"])
-        for key in ("top1_agreement", "kl", "perplexity", "mc_accuracy"):
-            if key in self._seen:
-                out[key] = float(getattr(self, key).compute())
+        with warnings.catch_warnings():
+            # A rank that saw none of a family's data computes it too (collectively).
+            warnings.filterwarnings("ignore", ".*was called before the ``update`` method.*")
+            if "bleu_vs_dense" in seen:
+                out["bleu_vs_dense"] = float(self.bleu_vs_dense.compute())
+            if "sacrebleu" in seen:
+                out["sacrebleu"] = 100.0 * float(self.sacrebleu.compute())
+            if "rouge" in seen:
+                rouge = self.rouge.compute()
+                for key in ("rouge1", "rouge2", "rougeL"):
+                    out[key] = 100.0 * float(rouge[f"{key}_fmeasure"])
+            if "squad" in seen:
+                squad = self.squad.compute()
+                out["exact_match"], out["f1"] = float(squad["exact_match"]), float(squad["f1"])
+            for key in (*TEACHER_FORCED_KEYS, *CHOICE_KEYS):
+                if key in seen:
+                    out[key] = float(getattr(self, key).compute())
         return out
 
     def reset(self) -> None:
         for child in self.children():
             child.reset()
-        self._seen.clear()

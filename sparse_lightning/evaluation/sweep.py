@@ -9,9 +9,10 @@ Example:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import lightning as L
 
 from sparse_lightning.evaluation.callback import QAEvaluation
 from sparse_lightning.evaluation.metrics import KEYS
-from sparse_lightning.sparsity import SparsityConfig
+from sparse_lightning.selection import SparsityConfig
+from sparse_lightning.units import UNIT_KINDS, check_kinds
 
 #: Metrics drawn in the plot (all on a 0-100 scale there).
 PLOTTED = ("bleu_vs_dense", "rougeL", "f1", "top1_agreement", "mc_accuracy")
@@ -29,18 +31,32 @@ FRACTIONS = ("top1_agreement", "mc_accuracy")
 
 def sweep_settings(
     modes: Sequence[str],
-    mlp: Sequence[float],
-    heads: Sequence[float] = (0.0,),
+    levels: Mapping[str, Sequence[float]] | None = None,
     metric: str = "corrected_gxo",
+    **per_kind: Sequence[float],
 ) -> list[SparsityConfig]:
-    """The dense model first, then every mode at every (MLP, heads) level but (0, 0)."""
+    """The dense model first, then every mode at every combination of levels but all-zero.
+
+    Args:
+        modes: selection modes.
+        levels: unit kind -> the levels to try (kinds left out: dense); also as keywords
+            (``mlp=[0.5, 0.7], heads=[0.0]``). The first kind varies fastest.
+        metric: ranking metric of ``static`` and ``oracle``.
+    """
+    grid = {**dict(levels or {}), **per_kind}
+    kinds = check_kinds(grid or UNIT_KINDS, "sweep levels")
     settings = [SparsityConfig()]
     for mode in modes:
-        for h in heads:
-            for m in mlp:
-                if m or h:
-                    settings.append(SparsityConfig(mlp=m, heads=h, mode=mode, metric=metric))
+        for combination in itertools.product(*(grid.get(k, [0.0]) for k in reversed(kinds))):
+            chosen = dict(zip(reversed(kinds), combination, strict=True))
+            if any(chosen.values()):
+                settings.append(SparsityConfig(chosen, mode=mode, metric=metric))
     return settings
+
+
+def is_dense_row(row: Mapping[str, Any]) -> bool:
+    """A result row of the dense setting (every kind at 0)."""
+    return not any(row.get(kind, 0.0) for kind in UNIT_KINDS)
 
 
 def run_sweep(
@@ -94,11 +110,12 @@ def save_table(
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table: one row per setting, one column per metric present."""
     keys = [k for k in KEYS if any(k in r for r in rows)]
-    head = ["mode", "MLP", "heads", "AR", *keys]
+    head = ["mode", *UNIT_KINDS, "AR", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mode = "dense" if r["mlp"] == 0 and r["heads"] == 0 else r["mode"]
-        cells = [mode, f"{r['mlp']:.0%}", f"{r['heads']:.0%}", f"{r['activation_ratio']:.0%}"]
+        mode = "dense" if is_dense_row(r) else r["mode"]
+        levels = [f"{r.get(kind, 0.0):.0%}" for kind in UNIT_KINDS]
+        cells = [mode, *levels, f"{r['activation_ratio']:.0%}"]
         cells += [f"{r[k]:.3f}" if k in r else "—" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -111,7 +128,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = [r for r in rows if r["mlp"] == 0 and r["heads"] == 0]
+    dense = [r for r in rows if is_dense_row(r)]
     modes = list(dict.fromkeys(r["mode"] for r in rows if r not in dense))
     fig, axes = plt.subplots(
         1, max(1, len(modes)), figsize=(4.5 * max(1, len(modes)), 4), squeeze=False

@@ -1,4 +1,4 @@
-"""``AttributionScores``: torchmetrics state for the per-unit attribution sums of one unit kind.
+"""``AttributionSums``: torchmetrics state for the per-unit attribution sums of one unit kind.
 
 The math lives in :mod:`sparse_lightning.attribution.functional`; this class only adds token
 sums into ``dist_reduce_fx="sum"`` states, so Lightning DDP runs add up across processes and
@@ -13,24 +13,24 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from sparse_lightning.attribution import functional as F
-from sparse_lightning.attribution.statistics import UNIT_SUMS, UnitStatistics
+from sparse_lightning.attribution.statistics import UnitStatistics
 
 
-class AttributionScores(Metric):
-    """Accumulates attribution sums per layer and unit for MLP neurons or attention heads.
+class AttributionSums(Metric):
+    """Accumulates attribution sums per layer and unit for one unit kind.
 
     Args:
-        kind: ``"mlp"`` or ``"heads"`` (recorded in the result).
+        kind: the unit kind (recorded in the result).
         num_layers: decoder layers.
         num_units: units per layer (MLP width or number of heads).
         integrated_gradients: also accumulate IG (needs ``mean_path_gradient`` in ``update``).
 
     Example:
         >>> import torch
-        >>> scores = AttributionScores("mlp", num_layers=1, num_units=2)
+        >>> sums = AttributionSums("mlp", num_layers=1, num_units=2)
         >>> a = torch.tensor([[[1.0], [2.0]]]); g = torch.tensor([[[0.5], [-1.0]]])
-        >>> scores.update(0, a, g)
-        >>> scores.compute().sums["gxo"]
+        >>> sums.update(0, a, g)
+        >>> sums.compute().sums["gxo"]
         tensor([[-0.5000,  2.0000]], dtype=torch.float64)
     """
 
@@ -44,11 +44,13 @@ class AttributionScores(Metric):
         super().__init__()
         self.kind = kind
         self.with_ig = integrated_gradients
-        self._per_unit = [
-            name for name in UNIT_SUMS if integrated_gradients or name != "integrated_gradients"
-        ]
+        self._metrics = {
+            name: metric
+            for name, metric in F.METRICS.items()
+            if metric.one_backward or integrated_gradients
+        }
         zeros = torch.zeros(num_layers, num_units, dtype=torch.float64)
-        for name in self._per_unit:
+        for name in (*self._metrics, *F.AUXILIARY_SUMS):
             self.add_state(name, default=zeros.clone(), dist_reduce_fx="sum")
         self.add_state(
             "magnitude_histogram",
@@ -82,27 +84,15 @@ class AttributionScores(Metric):
                 f"a and g must both be (tokens, units, width); got {tuple(a.shape)} and "
                 f"{tuple(g.shape)}."
             )
+        if self.with_ig and mean_path_gradient is None:
+            raise ValueError("integrated_gradients=True needs mean_path_gradient in update.")
         a, g = a.double(), g.double()
-        per_unit = {
-            "magnitude": F.magnitude(a),
-            "sq_magnitude": a.square().sum(-1),
-            "gradient": F.gradient(g),
-            "sq_gradient": g.square().sum(-1),
-            "gxo": F.gxo(a, g),
-            "snip": F.snip(a, g),
-            "fisher": F.fisher(a, g),
-            "corrected_gxo": F.corrected_gxo(a, g),
-        }
-        if self.with_ig:
-            if mean_path_gradient is None:
-                raise ValueError("integrated_gradients=True needs mean_path_gradient in update.")
-            per_unit["integrated_gradients"] = F.integrated_gradients(
-                a, mean_path_gradient.double()
-            )
-        for name, value in per_unit.items():
-            state = getattr(self, name)
-            state[layer] += value.sum(0)
-        self.magnitude_histogram[layer] += F.magnitude_histogram(per_unit["magnitude"])
+        path = None if mean_path_gradient is None else mean_path_gradient.double()
+        for name, metric in self._metrics.items():
+            getattr(self, name)[layer] += metric.score(a, g if metric.one_backward else path).sum(0)
+        for name, fn in F.AUXILIARY_SUMS.items():
+            getattr(self, name)[layer] += fn(a, g).sum(0)
+        self.magnitude_histogram[layer] += F.magnitude_histogram(F.magnitude(a))
         self.layer_grad_norm[layer] += F.layer_gradient_norm(g).sum()
         self.tokens[layer] += a.shape[0]
 
@@ -114,11 +104,11 @@ class AttributionScores(Metric):
                 f"Layers saw different token counts {tokens.tolist()}; a hook did not fire in "
                 "every layer. This is a bug in sparse_lightning: please report it."
             )
-        sums = {name: getattr(self, name).clone() for name in self._per_unit}
+        names = (*self._metrics, *F.AUXILIARY_SUMS)
         return UnitStatistics(
             self.kind,
             int(tokens[0]),
-            sums,
+            {name: getattr(self, name).clone() for name in names},
             self.layer_grad_norm.clone(),
             self.magnitude_histogram.clone(),
         )

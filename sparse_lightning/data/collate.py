@@ -1,4 +1,4 @@
-"""QA data: loading questions, formatting prompts, collating token ids into batches.
+"""Collation: prompts formatted and tokenized, token ids padded into batches.
 
 A batch is a dict of tensors:
 
@@ -18,53 +18,43 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-
-from sparse_lightning.sources import load_examples
 
 #: The paper's prompt, used when the tokenizer has no chat template.
 PAPER_PROMPT = "Instruct: {question}\nOutput:"
 
-#: Default location of the shared TruthfulQA CSV, relative to a checkout of this project.
-SHARED_TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
 
+def pad(
+    sequences: Sequence[Tensor | Sequence[int]],
+    value: int,
+    side: Literal["left", "right"] = "right",
+) -> tuple[Tensor, Tensor]:
+    """Pad 1-d token id sequences into ``(ids, attention_mask)``, both ``(N, longest)``.
 
-def load_truthfulqa(
-    path: str | os.PathLike[str] = SHARED_TRUTHFULQA, rows: Sequence[int] | None = None
-) -> list[dict[str, Any]]:
-    """TruthfulQA examples from its CSV, in the schema of :mod:`sparse_lightning.sources`.
-
-    Args:
-        path: the CSV file.
-        rows: row indices to keep, e.g. ``range(0, 100)`` (the paper's evaluation set).
-
-    Returns:
-        ``[{"question", "answer", "correct_answers", "incorrect_answers", "choices",
-        "label"}, ...]``.
+    The one padding helper of the package: batches, teacher-forced sequences and choices all
+    go through it.
     """
-    examples = load_examples(path, "truthfulqa")
-    return examples if rows is None else [examples[i] for i in rows]
+    seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    ids = pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
+    ones = [torch.ones(len(s), dtype=torch.long, device=s.device) for s in seqs]
+    mask = pad_sequence(ones, batch_first=True, padding_value=0, padding_side=side)
+    return ids, mask
 
 
 def collate_token_ids(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
     """Pad ``(prompt_ids, answer_ids)`` pairs into a batch (prompts left, answers right)."""
-    prompts = [torch.as_tensor(p, dtype=torch.long) for p, _ in pairs]
-    answers = [torch.as_tensor(a, dtype=torch.long) for _, a in pairs]
-    if any(len(p) == 0 for p in prompts):
+    if any(len(p) == 0 for p, _ in pairs):
         raise ValueError("A prompt has no tokens; every example needs a non-empty question.")
     batch = {}
-    for name, seqs, side in (("prompt", prompts, "left"), ("answer", answers, "right")):
-        ids = pad_sequence(seqs, batch_first=True, padding_value=pad_token_id, padding_side=side)
-        ones = [torch.ones(len(s), dtype=torch.long) for s in seqs]
-        mask = pad_sequence(ones, batch_first=True, padding_value=0, padding_side=side)
+    for name, index, side in (("prompt", 0, "left"), ("answer", 1, "right")):
+        ids, mask = pad([pair[index] for pair in pairs], pad_token_id, side)  # type: ignore[arg-type]
         batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = ids, mask
     return batch
 

@@ -1,9 +1,10 @@
 """Selection rules: turn one layer's unit activations into a keep-mask.
 
 Every selector answers ``keep(layer, units) -> mask`` where ``units`` is ``(tokens, U, width)``
-(see :meth:`~sparse_lightning.hooks.ActivationCapture.unit_view`) and the mask is bool
-``(tokens, U)`` or ``(U,)`` for a fixed set. Nothing here runs a backward pass except the
-oracle's preparation, which is research-only.
+(see :meth:`~sparse_lightning.attribution.capture.ActivationCapture.unit_view`) and the mask is
+bool ``(tokens, U)`` or ``(U,)`` for a fixed set. Nothing here runs a backward pass; the oracle
+(:mod:`~sparse_lightning.selection.oracle`) is handed its gradients. :data:`MODES` is the one
+table of selection modes.
 
 =============  =================================================================================
 mode           rule
@@ -17,7 +18,7 @@ static         one fixed set per layer: the ``k`` units of highest mean calibrat
 oracle         per token, the ``k`` units of highest score from that sequence's own gradients
 gate           MLP: per token, the ``k`` neurons of largest gate activation ``|act(x W_gate)|``,
                known before the up projection runs, so decode can skip the rest's work
-               (:mod:`~sparse_lightning.skipping`); heads as ``magnitude``
+               (:mod:`~sparse_lightning.inference.gate`); heads as ``magnitude``
 =============  =================================================================================
 
 Example:
@@ -29,17 +30,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from sparse_lightning.attribution import functional as F
 from sparse_lightning.attribution.statistics import UnitStatistics
-
-MODES = ("dynamic", "magnitude", "static", "oracle", "gate")
-#: Metrics an oracle can score per token from one backward (IG would need n of them).
-ORACLE_METRICS = ("magnitude", "gradient", "gxo", "snip", "fisher", "corrected_gxo")
 
 
 def kept_count(num_units: int, sparsity: float) -> int:
@@ -56,7 +51,19 @@ def top_k_mask(scores: Tensor, k: int) -> Tensor:
 
 
 class Selector:
-    """Base class: override :meth:`keep`."""
+    """Base class: override :meth:`keep`.
+
+    Attributes:
+        reads: what the decision is taken from, which decides the executor that
+            :class:`~sparse_lightning.inference.sparsifier.Sparsifier` installs: ``"units"``
+            (the units themselves, masked at the projection input) or ``"gate"`` (the MLP's
+            gate activation, before the neurons exist).
+        needs_batch: the masks come from the batch itself and must be prepared before each
+            forward (the oracle).
+    """
+
+    reads = "units"
+    needs_batch = False
 
     def keep(self, layer: int, units: Tensor) -> Tensor:
         raise NotImplementedError
@@ -75,9 +82,11 @@ class MagnitudeSelector(Selector):
 class GateSelector(MagnitudeSelector):
     """Per-token top-k by the gate activation (the activation itself in a plain MLP).
 
-    :class:`~sparse_lightning.skipping.GateSkipping` feeds it ``act(x W_gate)`` instead of
-    the neuron activation; :meth:`keep_index` serves the single-token path that gathers.
+    :class:`~sparse_lightning.inference.gate.GateExecutor` feeds it ``act(x W_gate)`` instead
+    of the neuron activation; :meth:`keep_index` serves the single-token path that gathers.
     """
+
+    reads = "gate"
 
     def keep_index(self, layer: int, gate: Tensor) -> Tensor:
         """Indices of the ``k`` kept neurons of one token's ``(U,)`` gate activation."""
@@ -132,35 +141,3 @@ class StaticSelector(Selector):
 
     def keep(self, layer: int, units: Tensor) -> Tensor:
         return self.masks[layer].to(units.device)
-
-
-class OracleSelector(Selector):
-    """Per-token masks computed beforehand from the sequence's own gradients.
-
-    :meth:`SparseActivationModule.prepare_oracle` fills :attr:`masks` for one batch;
-    ``keep`` then hands them out layer by layer.
-    """
-
-    def __init__(self, sparsity: float, num_units: int, metric: str) -> None:
-        if metric not in ORACLE_METRICS:
-            raise ValueError(
-                f"The oracle scores each token from one backward; metric {metric!r} is not "
-                f"available there. Choose one of {ORACLE_METRICS}."
-            )
-        self.k = kept_count(num_units, sparsity)
-        self.metric = metric
-        self.masks: Sequence[Tensor] | None = None
-
-    def set_scores(self, per_layer_scores: Sequence[Tensor]) -> None:
-        """Per-layer ``(tokens, U)`` scores of the coming forward."""
-        self.masks = [top_k_mask(s, self.k) for s in per_layer_scores]
-
-    def keep(self, layer: int, units: Tensor) -> Tensor:
-        if self.masks is None or self.masks[layer].shape != units.shape[:-1]:
-            raise RuntimeError(
-                "Oracle masks come from one sequence's own gradients, so they exist only for "
-                "the batch they were computed on. Use SparseActivationModule.sparse_logits(batch) "
-                "(or validate), which prepares them; for generate/pipelines choose "
-                "mode='dynamic' or 'static'."
-            )
-        return self.masks[layer]

@@ -13,7 +13,7 @@ The cut path runs when a forward carries one token (batch-1 decode with a KV cac
 output projection reads the kept rows of its transposed weight through ``embedding_bag``,
 which copies nothing; to make those rows contiguous its weight is stored transposed while
 skipping is installed (the same values, no extra memory; restored by
-:meth:`GateSkipping.remove`). The up projection has no such primitive: its kept rows must be
+:meth:`GateExecutor.remove`). The up projection has no such primitive: its kept rows must be
 copied out (``index_select``) before the matrix-vector product, which reads them twice and
 writes them once. That only beats the dense product when under a third of the neurons are kept
 (:data:`GATHER_UP_BELOW`, measured on 2 CPU cores); above it the up projection runs densely and
@@ -32,7 +32,7 @@ Example:
     >>> _ = module.set_sparsity(mlp=0.5, mode="gate")
     >>> with torch.no_grad():
     ...     cut = module.model(torch.tensor([[7]])).logits
-    ...     module.masking.gather = False  # the masked reference
+    ...     module.sparsifier.gather = False  # the masked reference
     ...     masked = module.model(torch.tensor([[7]])).logits
     >>> bool((cut - masked).abs().max() < 1e-5)
     True
@@ -41,48 +41,48 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sparse_lightning.architectures import ResolvedArchitecture
-from sparse_lightning.selectors import GateSelector
-
-if TYPE_CHECKING:
-    from sparse_lightning.hooks import UnitMasking
+from sparse_lightning.architectures.weights import input_rows, restore_layout, store_input_rows
+from sparse_lightning.inference.executor import Owner
+from sparse_lightning.selection import GateSelector
 
 #: Largest kept fraction at which the up projection's kept rows are gathered (see above).
 GATHER_UP_BELOW = 1 / 3
 
 
-class GateSkipping:
+class GateExecutor:
     """Replaces one layer's MLP computation by the gate-first path; a removable handle.
 
     Gated MLPs get a new ``forward`` on the MLP module; plain MLPs on the output projection
     (OPT has no MLP module). Either way the module's parameters and state dict are unchanged.
 
     Args:
-        masking: the owner; supplies ``enabled``, ``gather`` and the counts.
+        sparsifier: the owner; supplies ``enabled``, ``gather`` and the counts.
         architecture: the resolved model.
+        kind: the unit kind (MLP neurons).
         layer: decoder layer index.
         selector: the rule choosing the kept neurons from the gate activation.
     """
 
     def __init__(
         self,
-        masking: UnitMasking,
+        sparsifier: Owner,
         architecture: ResolvedArchitecture,
+        kind: str,
         layer: int,
         selector: GateSelector,
     ) -> None:
         spec = architecture.spec
         decoder_layer = architecture.layers[layer]
-        self.masking, self.layer, self.selector = masking, layer, selector
-        self.units = architecture.mlp_units
+        self.sparsifier, self.kind, self.layer, self.selector = sparsifier, kind, layer, selector
+        self.units = architecture.units(kind)
         self.out_proj = decoder_layer.get_submodule(spec.mlp_out)
-        self._relaid = _store_neuron_rows(self.out_proj)
+        self._relaid = store_input_rows(self.out_proj)
         if spec.mlp_gate_act is not None:
             self.gate = decoder_layer.get_submodule(spec.mlp_in[0])
             self.up = decoder_layer.get_submodule(spec.mlp_in[1])
@@ -100,16 +100,16 @@ class GateSkipping:
         if self.target.__dict__.get("forward") is not None:
             del self.target.forward
         if self._relaid:
-            self.out_proj.weight.data = self.out_proj.weight.data.contiguous()
+            restore_layout(self.out_proj)
             self._relaid = False
 
     # ------------------------------------------------------------------------------ paths
     def _gated_forward(self, x: Tensor) -> Tensor:
-        if not self.masking.enabled:
+        if not self.sparsifier.enabled:
             return self._original(x)
         g = self.act(self.gate(x))
         flat = g.reshape(-1, self.units)
-        if self.masking.gather and flat.shape[0] == 1:
+        if self.sparsifier.gather and flat.shape[0] == 1:
             index = self._kept_index(flat)
             if index.numel() < GATHER_UP_BELOW * self.units:
                 up_bias = None if self.up.bias is None else self.up.bias.index_select(0, index)
@@ -121,10 +121,10 @@ class GateSkipping:
         return self.out_proj(g * self.up(x) * keep)
 
     def _plain_forward(self, a: Tensor) -> Tensor:
-        if not self.masking.enabled:
+        if not self.sparsifier.enabled:
             return self._original(a)
         flat = a.reshape(-1, self.units)
-        if self.masking.gather and flat.shape[0] == 1:
+        if self.sparsifier.gather and flat.shape[0] == 1:
             index = self._kept_index(flat)
             return self._cut_out_proj(index, flat[0].index_select(0, index), a)
         return self._original(a * self._kept_mask(flat).reshape(a.shape))
@@ -134,39 +134,20 @@ class GateSkipping:
         """Sorted indices of the kept neurons of a single token (sorted: sequential reads)."""
         index = self.selector.keep_index(self.layer, flat[0]).sort().values
         zeroed = torch.full((), self.units - index.numel(), device=index.device)
-        self.masking.count("mlp", zeroed=zeroed, seen=self.units)
+        self.sparsifier.count(self.kind, zeroed=zeroed, seen=self.units)
         return index
 
     def _kept_mask(self, flat: Tensor) -> Tensor:
         keep = self.selector.keep(self.layer, flat.unsqueeze(-1))
-        self.masking.count("mlp", zeroed=(~keep).sum(), seen=keep.numel())
+        self.sparsifier.count(self.kind, zeroed=(~keep).sum(), seen=keep.numel())
         return keep.to(flat.dtype)
 
     def _cut_out_proj(self, index: Tensor, weights: Tensor, like: Tensor) -> Tensor:
         """``sum_i weights_i * W_out[:, index_i] + bias`` reading only the kept rows."""
-        rows = _neuron_rows(self.out_proj)
+        rows = input_rows(self.out_proj)
         y = F.embedding_bag(
             index.unsqueeze(0), rows, per_sample_weights=weights.unsqueeze(0), mode="sum"
         )
         if self.out_proj.bias is not None:
             y = y + self.out_proj.bias
         return y.reshape(*like.shape[:-1], rows.shape[1]).to(like.dtype)
-
-
-def _neuron_rows(module: nn.Module) -> Tensor:
-    """The output projection's weight as ``(neurons, hidden)``: one row per neuron."""
-    if isinstance(module, nn.Linear):
-        return module.weight.t()
-    return module.weight  # transformers' Conv1D (GPT-2) stores (in_features, out_features)
-
-
-def _store_neuron_rows(module: nn.Module) -> bool:
-    """Store an ``nn.Linear`` weight transposed so that :func:`_neuron_rows` is contiguous.
-
-    Returns whether the layout changed (and must be restored).
-    """
-    if not isinstance(module, nn.Linear) or module.weight.t().is_contiguous():
-        return False
-    with torch.no_grad():
-        module.weight.data = module.weight.data.t().contiguous().t()
-    return True

@@ -1,8 +1,9 @@
-"""Forward pre-hooks at the input of the output projections, where the units live.
+"""Capturing units and their gradients: the one API calibration and the oracle both use.
 
-:class:`ActivationCapture` keeps each unit activation of a forward as a node of the autograd
-graph so that one ``torch.autograd.grad`` gives the gradient of every layer and unit kind at
-once, without allocating any ``param.grad``.
+:class:`ActivationCapture` hooks the input of the projections where the units live and keeps
+each unit activation of a forward as a node of the autograd graph, so that one
+``torch.autograd.grad`` (:func:`differentiate`) gives the gradient of every layer and unit kind
+at once, without allocating any ``param.grad``.
 
 Example:
     >>> import torch
@@ -14,8 +15,8 @@ Example:
     >>> with ActivationCapture(resolve(model)) as capture, gradients_enabled():
     ...     with capture.record():
     ...         loss = model(torch.tensor([[1, 2, 3]])).logits.sum()
-    ...     grads = torch.autograd.grad(loss, capture.tensors())
-    >>> [tuple(t.shape) for t in capture.unit_view("heads", grads[2:4])]
+    ...     units = differentiate(capture, loss)
+    >>> [tuple(g.shape) for g in units["heads"].gradients]
     [(3, 4, 8), (3, 4, 8)]
 """
 
@@ -23,14 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from sparse_lightning.architectures import UNIT_KINDS, ResolvedArchitecture
-from sparse_lightning.selectors import GateSelector, Selector
-from sparse_lightning.skipping import GateSkipping
+from sparse_lightning.architectures import ResolvedArchitecture
+from sparse_lightning.units import check_kinds, kind_names
 
 
 @contextmanager
@@ -48,17 +49,14 @@ class ActivationCapture:
 
     Args:
         architecture: the resolved model (from :func:`~sparse_lightning.architectures.resolve`).
-        kinds: unit kinds to capture, ``"mlp"`` and/or ``"heads"``.
+        kinds: unit kinds to capture (see :mod:`sparse_lightning.units`); all by default.
     """
 
     def __init__(
-        self, architecture: ResolvedArchitecture, kinds: Sequence[str] = UNIT_KINDS
+        self, architecture: ResolvedArchitecture, kinds: Sequence[str] | None = None
     ) -> None:
-        unknown = set(kinds) - set(UNIT_KINDS)
-        if unknown or not kinds:
-            raise ValueError(f"kinds must be a non-empty subset of {UNIT_KINDS}, got {kinds}.")
         self.architecture = architecture
-        self.kinds = tuple(k for k in UNIT_KINDS if k in kinds)
+        self.kinds = check_kinds(kind_names() if kinds is None else kinds, "kinds")
         self.captured: dict[str, list[Tensor | None]] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = False
@@ -99,7 +97,7 @@ class ActivationCapture:
         }
 
     def tensors(self) -> list[Tensor]:
-        """Captured tensors in a fixed order: every layer of ``mlp``, then of ``heads``."""
+        """Captured tensors in a fixed order: every layer of the first kind, then the next."""
         flat = [t for kind in self.kinds for t in self.captured[kind]]
         if any(t is None for t in flat):
             raise RuntimeError(
@@ -143,90 +141,24 @@ class ActivationCapture:
         return hook
 
 
-class UnitMasking:
-    """Zero the units a selector drops, at the input of the output projections.
+@dataclass
+class CapturedUnits:
+    """One unit kind's activations and loss gradients, per layer ``(tokens, units, width)``."""
 
-    Installed on the wrapped model itself, so ``model(...)``, ``model.generate``, pipelines and
-    evaluation harnesses all run sparse. Counts what it zeroes (see :meth:`realized`). A
-    :class:`~sparse_lightning.selectors.GateSelector` decides before the MLP's projections run,
-    so its layers get :class:`~sparse_lightning.skipping.GateSkipping` instead of a hook.
+    activations: list[Tensor]
+    gradients: list[Tensor]
 
-    Args:
-        architecture: the resolved model.
-        selectors: unit kind -> selector; kinds left out stay dense.
 
-    Attributes:
-        gather: with a gate selector, cut the projections to the kept neurons on single-token
-            forwards (default). ``False`` computes densely and masks: the reference.
+def differentiate(capture: ActivationCapture, loss: Tensor) -> dict[str, CapturedUnits]:
+    """Gradients of ``loss`` with respect to every unit recorded by ``capture``, per kind.
+
+    Call it right after the forward run inside ``capture.record()`` (under
+    :func:`gradients_enabled`); it frees the recorded graph, so integrated-gradients passes can
+    record again.
     """
-
-    def __init__(self, architecture: ResolvedArchitecture, selectors: dict[str, Selector]) -> None:
-        self.architecture = architecture
-        self.selectors = selectors
-        self.enabled = True
-        self.gather = True
-        self.counts: dict[str, Tensor | None] = dict.fromkeys(selectors)
-        self._handles: list[RemovableHandle | GateSkipping] = []
-        for kind, selector in selectors.items():
-            for layer, module in enumerate(architecture.out_modules(kind)):
-                if isinstance(selector, GateSelector):
-                    self._handles.append(GateSkipping(self, architecture, layer, selector))
-                else:
-                    hook = self._make_hook(kind, layer)
-                    self._handles.append(module.register_forward_pre_hook(hook))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Run dense inside (e.g. the oracle's own dense pass)."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-    def count(self, kind: str, zeroed: Tensor, seen: int) -> None:
-        """Add ``zeroed`` of ``seen`` unit-tokens to the realized sparsity of ``kind``.
-
-        The tally is a tensor on the activations' device, so counting neither waits for a GPU
-        nor changes a Python number that a ``torch.compile`` graph would be specialised on.
-        """
-        tally = self.counts[kind]
-        if tally is None or tally.device != zeroed.device:
-            tally = self.counts[kind] = torch.zeros(2, dtype=torch.long, device=zeroed.device)
-        tally[0] += zeroed
-        tally[1] += seen
-
-    def reset_counts(self) -> None:
-        self.counts = dict.fromkeys(self.selectors)
-
-    def realized(self) -> dict[str, float]:
-        """Fraction of unit-tokens zeroed per kind since the last :meth:`reset_counts`."""
-        out = {}
-        for kind, tally in self.counts.items():
-            zeroed, seen = (0, 0) if tally is None else tally.tolist()
-            out[kind] = zeroed / seen if seen else 0.0
-        return out
-
-    def _make_hook(self, kind: str, layer: int):
-        units = self.architecture.units(kind)
-        width = self.architecture.unit_width(kind)
-        selector = self.selectors[kind]
-
-        def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            if not self.enabled:
-                return None
-            x = args[0]
-            view = x.reshape(-1, units, width)
-            keep = selector.keep(layer, view)
-            tokens = view.shape[0]
-            kept = keep.sum() * (tokens if keep.dim() == 1 else 1)
-            self.count(kind, zeroed=tokens * units - kept, seen=tokens * units)
-            masked = view * keep.unsqueeze(-1).to(x.dtype)
-            return (masked.reshape(x.shape), *args[1:])
-
-        return hook
+    tensors = capture.tensors()
+    grads = torch.autograd.grad(loss, tensors)
+    acts = capture.by_kind([t.detach() for t in tensors])
+    by_kind = capture.by_kind(grads)
+    capture.clear()
+    return {kind: CapturedUnits(acts[kind], by_kind[kind]) for kind in capture.kinds}

@@ -20,8 +20,14 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from sparse_lightning.data import QACollator
-from sparse_lightning.sources import DataError, SourceFormat, as_range, load_examples, select_rows
+from sparse_lightning.data.collate import QACollator
+from sparse_lightning.data.sources import (
+    DataError,
+    SourceFormat,
+    as_range,
+    load_examples,
+    select_rows,
+)
 
 
 class QADataModule(L.LightningDataModule):
@@ -31,7 +37,7 @@ class QADataModule(L.LightningDataModule):
         path: CSV/JSON/JSONL file, hub dataset name, ``"demo"`` (the QA set shipped with the
             package), or ``None`` for TruthfulQA from the hub.
         format: ``"truthfulqa"``, ``"openbookqa"`` or ``"generic"`` (see
-            :func:`~sparse_lightning.sources.load_examples`).
+            :func:`~sparse_lightning.data.sources.load_examples`).
         columns: ``{field: column}`` for ``generic`` data.
         calibration_rows: ``[start, stop)`` rows used by ``trainer.validate`` (calibration).
         evaluation_rows: ``[start, stop)`` rows used by ``trainer.test``; must not overlap.

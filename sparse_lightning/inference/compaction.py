@@ -7,7 +7,7 @@ The compacted model is built from a rewritten config (smaller MLP width, fewer h
 Example:
     >>> module = SparseActivationModule.from_pretrained(  # doctest: +SKIP
     ...     model, "checkpoints/run.safetensors", 0.5, mode="static")
-    >>> small = compact(module.model, static_masks(module))  # doctest: +SKIP
+    >>> small = compact(module.model, module.sparsifier.static_masks())  # doctest: +SKIP
     >>> small.save_pretrained("smollm2-50pct")  # doctest: +SKIP
 """
 
@@ -17,9 +17,11 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from sparse_lightning.architectures import ResolvedArchitecture, resolve
+from sparse_lightning.architectures.weights import slice_inputs, slice_outputs
+from sparse_lightning.units import UNIT_KINDS, check_kinds
 
 
 def compact(model: PreTrainedModel, masks: dict[str, Tensor]) -> PreTrainedModel:
@@ -37,24 +39,28 @@ def compact(model: PreTrainedModel, masks: dict[str, Tensor]) -> PreTrainedModel
     arch = resolve(model)
     config = copy.deepcopy(model.config)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    if "mlp" in masks:
-        width = _even_count(masks["mlp"], "MLP neurons")
-        _slice_mlp(model, arch, masks["mlp"], state)
-        setattr(config, arch.spec.mlp_size, width)
-    if "heads" in masks:
-        heads, kv_heads = _slice_heads(model, arch, masks["heads"], state)
-        config.num_attention_heads = heads
-        config.num_key_value_heads = kv_heads
-        config.head_dim = arch.head_dim
+    for kind, kind_masks in masks.items():
+        unit = UNIT_KINDS[check_kinds([kind])[0]]
+        if not unit.removable:
+            raise ValueError(
+                f"Compaction removes whole units; {unit.label} ({kind}) cannot be removed "
+                "from a stock model. Compact only removable kinds."
+            )
+        _REMOVERS[unit.site](model, arch, kind_masks, state, config)
     small = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     small.load_state_dict(state, strict=True)
     small.generation_config = copy.deepcopy(model.generation_config)
     return small.eval()
 
 
-def _slice_mlp(
-    model: nn.Module, arch: ResolvedArchitecture, masks: Tensor, state: dict[str, Tensor]
+def _remove_neurons(
+    model: nn.Module,
+    arch: ResolvedArchitecture,
+    masks: Tensor,
+    state: dict[str, Tensor],
+    config: PretrainedConfig,
 ) -> None:
+    setattr(config, arch.spec.mlp_size, _even_count(masks, "MLP neurons"))
     for layer, mask in enumerate(masks):
         keep = mask.nonzero().flatten()
         prefix = f"{arch.spec.layers}.{layer}."
@@ -63,11 +69,15 @@ def _slice_mlp(
         _slice_in(model, prefix + arch.spec.mlp_out, keep, state)
 
 
-def _slice_heads(
-    model: nn.Module, arch: ResolvedArchitecture, masks: Tensor, state: dict[str, Tensor]
-) -> tuple[int, int]:
+def _remove_heads(
+    model: nn.Module,
+    arch: ResolvedArchitecture,
+    masks: Tensor,
+    state: dict[str, Tensor],
+    config: PretrainedConfig,
+) -> None:
     fp = arch.fingerprint
-    if not arch.spec.separate_qkv:
+    if not arch.spec.heads_removable:
         raise ValueError(
             f"Heads cannot be removed from {fp.model_type} models (fused or hidden-size-derived "
             "attention shapes); compact MLP neurons only (set heads sparsity to 0)."
@@ -92,7 +102,13 @@ def _slice_heads(
             _slice_out(model, prefix + k, rows, state)
             _slice_out(model, prefix + v, rows, state)
         _slice_in(model, prefix + arch.spec.attn_out, rows, state)
-    return heads, heads if mha else groups
+    config.num_attention_heads = heads
+    config.num_key_value_heads = heads if mha else groups
+    config.head_dim = hd
+
+
+#: The site of a removable unit kind -> how its units are cut out of the weights and config.
+_REMOVERS = {"mlp_out": _remove_neurons, "attn_out": _remove_heads}
 
 
 def _even_count(masks: Tensor, what: str) -> int:
@@ -105,20 +121,9 @@ def _even_count(masks: Tensor, what: str) -> int:
     return int(counts[0])
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) stores weight as (in_features, out_features).
-    return type(module).__name__ == "Conv1D"
-
-
 def _slice_out(model: nn.Module, path: str, keep: Tensor, state: dict[str, Tensor]) -> None:
-    module = model.get_submodule(path)
-    dim = 1 if _is_conv1d(module) else 0
-    state[f"{path}.weight"] = state[f"{path}.weight"].index_select(dim, keep)
-    if getattr(module, "bias", None) is not None:
-        state[f"{path}.bias"] = state[f"{path}.bias"].index_select(0, keep)
+    slice_outputs(state, path, model.get_submodule(path), keep)
 
 
 def _slice_in(model: nn.Module, path: str, keep: Tensor, state: dict[str, Tensor]) -> None:
-    module = model.get_submodule(path)
-    dim = 0 if _is_conv1d(module) else 1
-    state[f"{path}.weight"] = state[f"{path}.weight"].index_select(dim, keep)
+    slice_inputs(state, path, model.get_submodule(path), keep)

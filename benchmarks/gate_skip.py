@@ -2,7 +2,7 @@
 
 ``mode="gate"`` decides each token's MLP neurons from the gate activation, then runs the down
 projection (and, when under a third are kept, the up projection) for the kept neurons only
-(see ``sparse_lightning/skipping.py``). Measured on
+(see ``sparse_lightning/inference/gate.py``). Measured on
 SmolLM2-135M-Instruct, float32, CPU, at 50% and 70% of MLP neurons skipped (heads dense):
 
 * one MLP (layer 15, a real hidden state): the gate-first path against the dense MLP;
@@ -19,9 +19,9 @@ runs inside the timed region. Bounds count multiply-adds of linear layers that t
 skips: the gate stays dense, the down projection (and the up projection where gathered)
 shrinks to the kept neurons.
 
-    python benchmarks/dynamic_skip.py [--repeats 7]
+    python benchmarks/gate_skip.py [--repeats 7]
 
-Prints a table and writes benchmarks/results/dynamic_skip.json.
+Prints a table and writes benchmarks/results/gate_skip.json.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from benchmarks.common import (  # noqa: E402
     save_report,
 )
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
-from sparse_lightning.selectors import kept_count  # noqa: E402
-from sparse_lightning.skipping import GATHER_UP_BELOW  # noqa: E402
+from sparse_lightning.inference.gate import GATHER_UP_BELOW  # noqa: E402
+from sparse_lightning.selection import kept_count  # noqa: E402
 
 LEVELS = (0.5, 0.7)
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "dynamic_skip.json"
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "gate_skip.json"
     )
     args = parser.parse_args()
     model, tokenizer = load_demo_model()
@@ -149,10 +149,10 @@ def main() -> None:
     x = captured["x"]  # (1, 1, hidden): a real input of the layer's MLP
 
     def gather(on: bool):
-        return lambda: setattr(module.masking, "gather", on)
+        return lambda: setattr(module.sparsifier, "gather", on)
 
     dense_macs = linear_macs(model)
-    units, hidden = module.architecture.mlp_units, int(model.config.hidden_size)
+    units, hidden = module.architecture.units("mlp"), module.architecture.hidden_size
     layers = module.architecture.num_layers
     rows = []
     for level in LEVELS:
@@ -175,11 +175,11 @@ def main() -> None:
             masked, _, _ = paired_ratio(
                 plain, sparse, args.repeats, prepare=(lambda: None, gather(False))
             )
-            module.masking.gather = True
+            module.sparsifier.gather = True
             cut_logits = sparse()
-            module.masking.gather = False
+            module.sparsifier.gather = False
             error = float((sparse() - cut_logits).abs().max())
-            module.masking.gather = True
+            module.sparsifier.gather = True
             row[f"decode_{name}"] = {
                 **speed,
                 "masked_reference_speedup": masked,
@@ -188,7 +188,7 @@ def main() -> None:
         rows.append(row)
         module.disable_sparsity()
     report = {
-        "benchmark": "dynamic_skip",
+        "benchmark": "gate_skip",
         "model": "SmolLM2-135M-Instruct, float32, mode='gate', heads dense",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_info(),

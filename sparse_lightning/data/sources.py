@@ -52,7 +52,7 @@ TRUTHFULQA_COLUMNS = {
 TRUTHFULQA_HUB = ("truthful_qa", "generation", "validation")
 
 #: The QA set shipped inside the package for the offline demo (written for this project).
-DEMO_QA = Path(__file__).resolve().parent / "demo_data" / "general_qa.jsonl"
+DEMO_QA = Path(__file__).resolve().parent / "demo" / "general_qa.jsonl"
 
 
 class DataError(ValueError):
@@ -111,6 +111,23 @@ def load_examples(
         _require_columns(table[0], (column,), origin, f"columns[{field!r}]")
     present = {f: c for f, c in columns.items() if c in table[0]}
     return [_generic(row, present) for row in table]
+
+
+def load_truthfulqa(
+    path: str | os.PathLike[str], rows: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """TruthfulQA examples from its CSV, in the schema above.
+
+    Args:
+        path: the CSV file (this project's checkouts have ``../shared/data/TruthfulQA.csv``).
+        rows: row indices to keep, e.g. ``range(0, 100)`` (the paper's evaluation set).
+
+    Returns:
+        ``[{"question", "answer", "correct_answers", "incorrect_answers", "choices",
+        "label"}, ...]``.
+    """
+    examples = load_examples(path, "truthfulqa")
+    return examples if rows is None else [examples[i] for i in rows]
 
 
 def select_rows(
@@ -195,8 +212,10 @@ def _generic(row: Mapping[str, Any], present: Mapping[str, str]) -> dict[str, An
     correct = _as_list(row[present["correct_answers"]]) if "correct_answers" in present else []
     if answer and answer not in correct:
         correct.insert(0, answer)
-    choices = [str(c) for c in row[present["choices"]]] if "choices" in present else []
-    label = _label(row[present["label"]], choices) if "label" in present and choices else -1
+    # A file where only some rows have choices holds None in the others.
+    choices = [str(c) for c in row[present["choices"]] or []] if "choices" in present else []
+    has_label = "label" in present and row[present["label"]] is not None
+    label = _label(row[present["label"]], choices) if has_label and choices else -1
     incorrect = (
         _as_list(row[present["incorrect_answers"]]) if "incorrect_answers" in present else []
     )

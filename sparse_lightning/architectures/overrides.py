@@ -1,0 +1,93 @@
+"""Where the units are, per Hugging Face ``model_type``: one row per model family.
+
+Module paths are dotted, relative to the model (``layers``) or to one decoder layer (the rest).
+Adding a family is one row here plus a tiny config in the test table (``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module paths of one model family.
+
+    Attributes:
+        layers: path from the model to the ``ModuleList`` of decoder layers.
+        attn_in: the query/key/value projections (one fused projection where the family fuses).
+        attn_out: the attention output projection (its input = the heads).
+        mlp_in: the projections that produce the neurons: ``(gate, up)`` or ``(fc1,)``.
+        mlp_out: the MLP output projection (its input = the neurons).
+        mlp_size: config attribute holding the MLP width (compaction rewrites it).
+        heads_removable: query, key and value are separate projections whose head count comes
+            from the config, so compaction can remove heads by slicing.
+        mlp_gate_act: path to the activation of a gated MLP, whose neurons are
+            ``act(gate(x)) * up(x)`` with ``mlp_in = (gate, up)``; ``None`` for a plain MLP
+            (``act(fc1(x))``). ``mode="gate"`` decides from it before running ``up``.
+    """
+
+    layers: str
+    attn_in: tuple[str, ...]
+    attn_out: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    mlp_size: str = "intermediate_size"
+    heads_removable: bool = True
+    mlp_gate_act: str | None = None
+
+    def paths(self, site: str) -> tuple[str, ...]:
+        """The projections whose input is ``site`` (see :mod:`sparse_lightning.units`)."""
+        value = getattr(self, site)
+        return (value,) if isinstance(value, str) else value
+
+
+_LLAMA = ArchitectureSpec(
+    layers="model.layers",
+    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attn_out="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    mlp_gate_act="mlp.act_fn",
+)
+
+#: ``model_type`` -> where its units are. Llama covers SmolLM/SmolLM2 and MobiLlama.
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "phi": ArchitectureSpec(
+        layers="model.layers",
+        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_out="self_attn.dense",
+        mlp_in=("mlp.fc1",),
+        mlp_out="mlp.fc2",
+    ),
+    "gpt2": ArchitectureSpec(
+        layers="transformer.h",
+        attn_in=("attn.c_attn",),
+        attn_out="attn.c_proj",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        mlp_size="n_inner",
+        heads_removable=False,
+    ),
+    "gpt_neox": ArchitectureSpec(
+        layers="gpt_neox.layers",
+        attn_in=("attention.query_key_value",),
+        attn_out="attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        heads_removable=False,
+    ),
+    "opt": ArchitectureSpec(
+        layers="model.decoder.layers",
+        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_out="self_attn.out_proj",
+        mlp_in=("fc1",),
+        mlp_out="fc2",
+        mlp_size="ffn_dim",
+        # OPT derives head_dim from hidden_size / num_attention_heads: no head removal.
+        heads_removable=False,
+    ),
+}

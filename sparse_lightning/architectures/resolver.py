@@ -1,0 +1,137 @@
+"""Find the units of a Hugging Face causal LM: its decoder layers and the modules at each site.
+
+Units are read and changed at the *input* of projections (see :mod:`sparse_lightning.units`),
+so one forward pre-hook per projection serves capture (calibration) and masking (inference)
+for every architecture. Where the modules are comes from
+:data:`~sparse_lightning.architectures.overrides.ARCHITECTURES`.
+
+Example:
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
+    ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> arch = resolve(AutoModelForCausalLM.from_config(cfg))
+    >>> (arch.num_layers, arch.units("mlp"), arch.units("heads"), arch.head_dim)
+    (2, 37, 4, 8)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from sparse_lightning.architectures.overrides import ARCHITECTURES, ArchitectureSpec
+from sparse_lightning.architectures.weights import in_features, out_features
+from sparse_lightning.units import UNIT_KINDS, check_kinds
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's units cannot be found (its ``model_type`` has no row in the table)."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The shape facts a sparsity checkpoint must agree with."""
+
+    model_type: str
+    num_layers: int
+    mlp_units: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Fingerprint:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ResolvedArchitecture:
+    """The units of one concrete model: the spec, the shape facts and the modules themselves."""
+
+    spec: ArchitectureSpec
+    fingerprint: Fingerprint
+    layers: tuple[nn.Module, ...]
+    hidden_size: int
+
+    @property
+    def model_type(self) -> str:
+        return self.fingerprint.model_type
+
+    @property
+    def num_layers(self) -> int:
+        return self.fingerprint.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.fingerprint.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.fingerprint.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.fingerprint.head_dim
+
+    def site_modules(self, site: str, layer: int) -> tuple[nn.Module, ...]:
+        """The projections of decoder layer ``layer`` whose input is ``site``."""
+        return tuple(self.layers[layer].get_submodule(p) for p in self.spec.paths(site))
+
+    def out_modules(self, kind: str) -> tuple[nn.Module, ...]:
+        """Per layer, the projection whose input holds the units of ``kind``."""
+        site = UNIT_KINDS[check_kinds([kind])[0]].site
+        return tuple(self.site_modules(site, layer)[0] for layer in range(self.num_layers))
+
+    def unit_width(self, kind: str) -> int:
+        """Features per unit at the projection input: 1, or ``head_dim`` for a head."""
+        return self.head_dim if UNIT_KINDS[check_kinds([kind])[0]].per_head else 1
+
+    def units(self, kind: str) -> int:
+        """Units per layer of ``kind``."""
+        return in_features(self.out_modules(kind)[0]) // self.unit_width(kind)
+
+
+def resolve(model: nn.Module) -> ResolvedArchitecture:
+    """Find the units of a Hugging Face causal LM.
+
+    Args:
+        model: a ``PreTrainedModel`` whose ``config.model_type`` is in the table.
+
+    Raises:
+        UnsupportedArchitectureError: the ``model_type`` is not in the table.
+        ValueError: the config's head count does not divide the attention width.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported by sparse_lightning. Supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add it, map its module names in "
+            "sparse_lightning/architectures/overrides.py (ARCHITECTURES) and add a tiny-model "
+            "test (docs/architecture.md)."
+        )
+    spec = ARCHITECTURES[model_type]
+    layers = tuple(model.get_submodule(spec.layers))
+    attn_out = layers[0].get_submodule(spec.attn_out)
+    mlp_out = layers[0].get_submodule(spec.mlp_out)
+    num_heads = int(config.num_attention_heads)
+    attn_width = in_features(attn_out)
+    if attn_width % num_heads:
+        raise ValueError(
+            f"{spec.attn_out} takes {attn_width} features, not a multiple of "
+            f"num_attention_heads={num_heads}; the config does not match the weights."
+        )
+    fingerprint = Fingerprint(
+        model_type=model_type,
+        num_layers=len(layers),
+        mlp_units=in_features(mlp_out),
+        num_heads=num_heads,
+        head_dim=attn_width // num_heads,
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+    )
+    return ResolvedArchitecture(spec, fingerprint, layers, hidden_size=out_features(mlp_out))

@@ -1,0 +1,140 @@
+"""``Sparsifier``: installs one sparsity setting on a model and removes it; nothing else does.
+
+Each selector gets one executor per decoder layer, chosen by what the selector decides from
+(:data:`EXECUTORS`): masking at the projection input (the reference) or the gate-first MLP
+path that skips work at batch-1 decode. The executors sit on the wrapped model itself, so
+``model(...)``, ``generate``, pipelines and evaluation harnesses all run sparse.
+
+Example:
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from sparse_lightning.architectures import resolve
+    >>> from sparse_lightning.selection import MagnitudeSelector
+    >>> model = AutoModelForCausalLM.from_config(LlamaConfig(
+    ...     vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2))
+    >>> sparsifier = Sparsifier(model, resolve(model), {"mlp": MagnitudeSelector(0.5, 37)})
+    >>> _ = model(torch.tensor([[1, 2, 3]]))
+    >>> round(sparsifier.realized()["mlp"], 3)  # 18 of 37 neurons zeroed per token
+    0.486
+    >>> sparsifier.remove()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from sparse_lightning.architectures import ResolvedArchitecture
+from sparse_lightning.attribution.capture import CapturedUnits
+from sparse_lightning.inference.executor import Executor
+from sparse_lightning.inference.gate import GateExecutor
+from sparse_lightning.inference.mask import MaskExecutor
+from sparse_lightning.selection import Selector, StaticSelector, prepare_oracles
+
+#: What a selector decides from (``Selector.reads``) -> the executor that applies it.
+EXECUTORS: dict[str, type] = {"units": MaskExecutor, "gate": GateExecutor}
+
+
+class Sparsifier:
+    """The executors of one sparsity setting on one model, and what they zeroed.
+
+    Args:
+        model: the wrapped model (it carries the executors until :meth:`remove`).
+        architecture: its resolution.
+        selectors: unit kind -> selector; kinds left out stay dense.
+
+    Attributes:
+        enabled: ``False`` runs the model dense (see :meth:`paused`).
+        gather: executors that can skip work do so on single-token forwards (default);
+            ``False`` makes them compute densely and mask: the reference path.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        architecture: ResolvedArchitecture,
+        selectors: Mapping[str, Selector],
+    ) -> None:
+        self.model = model
+        self.architecture = architecture
+        self.selectors = dict(selectors)
+        self.enabled = True
+        self.gather = True
+        self.counts: dict[str, Tensor | None] = dict.fromkeys(self.selectors)
+        self.executors: list[Executor] = [
+            EXECUTORS[selector.reads](self, architecture, kind, layer, selector)
+            for kind, selector in self.selectors.items()
+            for layer in range(architecture.num_layers)
+        ]
+
+    def remove(self) -> None:
+        """Take every executor off the model: it is the plain model again, bit for bit."""
+        for executor in self.executors:
+            executor.remove()
+        self.executors.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run dense inside (e.g. the oracle's own dense pass)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # --------------------------------------------------------------------- per-batch masks
+    @property
+    def needs_batch(self) -> bool:
+        """Some selector's masks come from the batch itself (the oracle)."""
+        return any(s.needs_batch for s in self.selectors.values())
+
+    def batch_kinds(self) -> tuple[str, ...]:
+        """The kinds whose selectors need :meth:`prepare` before each forward."""
+        return tuple(k for k, s in self.selectors.items() if s.needs_batch)
+
+    def prepare(self, units: Mapping[str, CapturedUnits]) -> None:
+        """Hand the batch's dense activations and gradients to the selectors that need them."""
+        prepare_oracles(self.selectors, units)
+
+    def static_masks(self) -> dict[str, Tensor]:
+        """Kind -> ``(layers, units)`` keep-masks, when every selector is a fixed set.
+
+        Raises:
+            RuntimeError: some selector decides per token (only static masks can be compacted).
+        """
+        if not self.selectors or not all(
+            isinstance(s, StaticSelector) for s in self.selectors.values()
+        ):
+            raise RuntimeError(
+                "Only static masks remove the same units for every token; call "
+                "set_sparsity(..., mode='static') before compact()."
+            )
+        return {kind: s.masks for kind, s in self.selectors.items()}  # type: ignore[attr-defined]
+
+    # --------------------------------------------------------------------------- counting
+    def count(self, kind: str, zeroed: Tensor, seen: int | Tensor) -> None:
+        """Add ``zeroed`` of ``seen`` unit-tokens to the realized sparsity of ``kind``.
+
+        The tally is a tensor on the activations' device, so counting neither waits for a GPU
+        nor changes a Python number that a ``torch.compile`` graph would be specialised on.
+        """
+        tally = self.counts[kind]
+        if tally is None or tally.device != zeroed.device:
+            tally = self.counts[kind] = torch.zeros(2, dtype=torch.long, device=zeroed.device)
+        tally[0] += zeroed
+        tally[1] += seen
+
+    def reset_counts(self) -> None:
+        self.counts = dict.fromkeys(self.selectors)
+
+    def realized(self) -> dict[str, float]:
+        """Fraction of unit-tokens zeroed per kind since the last :meth:`reset_counts`."""
+        out = {}
+        for kind, tally in self.counts.items():
+            zeroed, seen = (0, 0) if tally is None else tally.tolist()
+            out[kind] = zeroed / seen if seen else 0.0
+        return out

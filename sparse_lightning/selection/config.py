@@ -1,0 +1,162 @@
+"""``SparsityConfig``: how many units of each kind to zero and how to choose them, and
+:func:`build_selectors`, which turns a config into one selector per kind.
+
+Example:
+    >>> config = SparsityConfig(mlp=0.5, mode="magnitude")
+    >>> config.mlp, config.heads, config.is_dense
+    (0.5, 0.0, False)
+    >>> dict(SparsityConfig.uniform(0.3).levels)
+    {'mlp': 0.3, 'heads': 0.3}
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from sparse_lightning.architectures import ResolvedArchitecture
+from sparse_lightning.attribution.functional import check_metric
+from sparse_lightning.attribution.statistics import Statistics
+from sparse_lightning.selection.modes import MODES, SelectionRequest, check_mode
+from sparse_lightning.selection.selectors import Selector
+from sparse_lightning.units import UNIT_KINDS, check_kinds, kind_names
+
+
+def check_level(name: str, value: object) -> float:
+    """A sparsity level: a real number in ``[0, 1)``, the fraction of units zeroed.
+
+    Raises:
+        TypeError: not a number (a string such as ``"0.5"``, ``None``, a bool).
+        ValueError: outside ``[0, 1)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} sparsity must be a number in [0, 1), got {value!r} "
+            f"({type(value).__name__}); e.g. {name}=0.5 zeroes half."
+        )
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"{name} sparsity must be in [0, 1) (the fraction of units zeroed), got {value}; "
+            "0.5 zeroes half."
+        )
+    return float(value)
+
+
+class SparsityConfig:
+    """Fractions of units zeroed per kind and how they are chosen.
+
+    Args:
+        levels: unit kind (see :mod:`sparse_lightning.units`) -> fraction of that kind's units
+            zeroed per layer, in ``[0, 1)``. Kinds left out stay dense. Read-only afterwards.
+        mode: a selection mode (see :data:`~sparse_lightning.selection.modes.MODES`):
+            ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or ``"gate"``.
+        metric: calibrated metric ranking units for ``static`` and ``oracle``.
+        **per_kind: levels as keywords (``mlp=0.5, heads=0.25``), merged into ``levels``.
+
+    Raises:
+        TypeError, ValueError: an unknown kind, a level that is not a number in ``[0, 1)``, an
+            unknown mode or metric.
+    """
+
+    __slots__ = ("levels", "metric", "mode")
+
+    def __init__(
+        self,
+        levels: Mapping[str, float] | None = None,
+        *,
+        mode: str = "dynamic",
+        metric: str = "corrected_gxo",
+        **per_kind: float,
+    ) -> None:
+        given = {**dict(levels or {}), **per_kind}
+        check_kinds(given or kind_names(), "sparsity levels")
+        checked = {kind: check_level(kind, given.get(kind, 0.0)) for kind in UNIT_KINDS}
+        object.__setattr__(self, "levels", MappingProxyType(checked))
+        object.__setattr__(self, "mode", check_mode(mode))
+        object.__setattr__(self, "metric", check_metric(metric))
+
+    @classmethod
+    def uniform(cls, sparsity: float, **options: Any) -> SparsityConfig:
+        """The same level for every unit kind."""
+        return cls(dict.fromkeys(UNIT_KINDS, sparsity), **options)
+
+    @classmethod
+    def from_arguments(
+        cls,
+        sparsity: float | SparsityConfig | None = None,
+        *,
+        mode: str | None = None,
+        metric: str | None = None,
+        **levels: float,
+    ) -> SparsityConfig:
+        """The config of ``set_sparsity(sparsity, mode=..., metric=..., **levels)``.
+
+        ``sparsity`` is the level of every kind not named in ``levels`` (0 when omitted), or
+        a whole config, which then comes alone. A level given as ``None`` counts as not named.
+        """
+        if isinstance(sparsity, SparsityConfig):
+            if levels or mode is not None or metric is not None:
+                raise TypeError(
+                    "Pass either a SparsityConfig or levels/mode/metric, not both; change a "
+                    "config with config.replace(mlp=..., mode=...)."
+                )
+            return sparsity
+        base = 0.0 if sparsity is None else check_level("sparsity", sparsity)
+        named = {kind: level for kind, level in levels.items() if level is not None}
+        options = {"mode": mode or "dynamic", "metric": metric or "corrected_gxo"}
+        return cls({**dict.fromkeys(UNIT_KINDS, base), **named}, **options)
+
+    def __getattr__(self, name: str) -> float:
+        # ``config.mlp``, ``config.heads``: one attribute per row of the unit table.
+        if name in UNIT_KINDS:
+            return self.levels[name]
+        raise AttributeError(f"'SparsityConfig' object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("SparsityConfig is immutable; build a new one (replace(...)).")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SparsityConfig) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.as_dict().items()))
+
+    def __repr__(self) -> str:
+        levels = ", ".join(f"{k}={v}" for k, v in self.levels.items() if v)
+        return f"SparsityConfig({levels}{', ' if levels else ''}mode={self.mode!r}, " + (
+            f"metric={self.metric!r})"
+        )
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (self.as_dict(),))
+
+    @property
+    def is_dense(self) -> bool:
+        return not any(self.levels.values())
+
+    def replace(self, **changes: Any) -> SparsityConfig:
+        """A copy with some levels (as keywords), ``mode`` or ``metric`` changed."""
+        return _rebuild({**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every kind's level, then ``mode`` and ``metric`` (one flat row for tables)."""
+        return {**self.levels, "mode": self.mode, "metric": self.metric}
+
+
+def build_selectors(
+    config: SparsityConfig, architecture: ResolvedArchitecture, statistics: Statistics | None
+) -> dict[str, Selector]:
+    """One selector per unit kind with non-zero sparsity, as the config's mode builds them."""
+    build = MODES[config.mode].build
+    return {
+        kind: build(SelectionRequest(kind, level, config.metric, architecture, statistics))
+        for kind, level in config.levels.items()
+        if level > 0.0
+    }
+
+
+def _rebuild(row: Mapping[str, Any]) -> SparsityConfig:
+    row = dict(row)
+    return SparsityConfig(mode=row.pop("mode"), metric=row.pop("metric"), **row)
