@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from sparse_lightning.architectures.weights import weights_digest
 from sparse_lightning.attribution.capture import (
     ActivationCapture,
     CapturedUnits,
@@ -66,8 +68,19 @@ class AttributionCalibration(Callback):
     ) -> None:
         super().__init__()
         self.units = check_kinds(kind_names() if units is None else units)
+        if isinstance(ig_steps, bool) or not isinstance(ig_steps, int):
+            # A float would be written into the checkpoint and fail to load later.
+            raise TypeError(
+                f"ig_steps must be an integer (the number of integration steps), got "
+                f"{ig_steps!r} ({type(ig_steps).__name__})."
+            )
         if ig_steps < 0:
             raise ValueError(f"ig_steps must be >= 0 (0 disables IG), got {ig_steps}.")
+        if run_name is not None and (not run_name.strip() or Path(run_name).name != run_name):
+            raise ValueError(
+                f"run_name must be a non-empty file name without folders (the checkpoint is "
+                f"<dirpath>/<run_name>.safetensors), got {run_name!r}; put folders in dirpath."
+            )
         self.ig_steps = ig_steps
         self.run_name = run_name
         self.dirpath = Path(dirpath)
@@ -161,12 +174,7 @@ class AttributionCalibration(Callback):
         self._statistics = Statistics(
             units,
             ig_steps=self.ig_steps,
-            metadata={
-                "targets": pl_module.targets,
-                "fingerprint": pl_module.architecture.fingerprint.to_json(),
-                "base_model": str(getattr(pl_module.model, "name_or_path", "") or ""),
-                "dataset": self.dataset,
-            },
+            metadata=run_record(pl_module, self.units, self.dataset),
         )
         if self.run_name is not None and trainer.is_global_zero:
             path = run_path(self.run_name, self.dirpath)
@@ -213,3 +221,38 @@ class AttributionCalibration(Callback):
         if isinstance(pl_module, SparseActivationModule):
             pl_module.stop_capture()
         self._capture = None
+
+
+#: The metadata that must match for a checkpoint to stand for a new calibration run.
+SAME_RUN = ("model_digest", "fingerprint", "targets", "units", "dataset", "ig_steps")
+
+
+def run_record(
+    module: SparseActivationModule, units: Sequence[str], dataset: str
+) -> dict[str, str]:
+    """What a calibration run was: the checkpoint metadata that says whether it can be reused.
+
+    A run is the same when all of these match (``sparse-lightning sweep`` compares them): the
+    model's weights (``model_digest``), the architecture, the targets, the unit kinds and the
+    data; ``ig_steps`` is stored beside them by the checkpoint.
+    """
+    return {
+        "targets": module.targets,
+        "fingerprint": module.architecture.fingerprint.to_json(),
+        "base_model": str(getattr(module.model, "name_or_path", "") or ""),
+        "model_digest": weights_digest(module.model),
+        "units": json.dumps(list(units)),
+        "dataset": dataset,
+    }
+
+
+def run_differences(
+    stored: dict[str, str],
+    module: SparseActivationModule,
+    units: Sequence[str],
+    dataset: str,
+    ig_steps: int,
+) -> list[str]:
+    """The :data:`SAME_RUN` fields in which a stored checkpoint's run differs from this one."""
+    wanted = {**run_record(module, check_kinds(units), dataset), "ig_steps": str(ig_steps)}
+    return [key for key in SAME_RUN if stored.get(key) != wanted[key]]

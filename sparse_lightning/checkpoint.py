@@ -18,8 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
+from torch import Tensor
 
 from sparse_lightning.architectures import Fingerprint
 from sparse_lightning.attribution.statistics import Statistics
@@ -41,12 +44,19 @@ def run_path(run_name: str, dirpath: str | os.PathLike[str] = DEFAULT_DIR) -> Pa
 def save_statistics(statistics: Statistics, path: str | os.PathLike[str]) -> Path:
     """Write ``statistics`` to ``path`` atomically (temp file in the same folder, then rename).
 
-    An interrupted write leaves any earlier file at ``path`` untouched.
+    An interrupted write leaves any earlier file at ``path`` untouched; statistics that are not
+    finite are refused before anything is written. The file gets the usual permissions
+    (``0666`` less the umask).
+
+    Raises:
+        CheckpointError: a path that is not ``.safetensors``, non-finite statistics, or
+            statistics without an architecture fingerprint.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"Checkpoint path must end in .safetensors, got {path}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in statistics.tensors().items()}
+    _check_finite(tensors, path)
     fingerprint = statistics.metadata.get("fingerprint")
     if fingerprint is None:
         raise CheckpointError("These statistics carry no architecture fingerprint; recalibrate.")
@@ -60,11 +70,13 @@ def save_statistics(statistics: Statistics, path: str | os.PathLike[str]) -> Pat
         "tokens": str(statistics.tokens),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tensors = {k: v.contiguous().cpu() for k, v in statistics.tensors().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes the file private (0600); a checkpoint is an ordinary file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -74,31 +86,20 @@ def save_statistics(statistics: Statistics, path: str | os.PathLike[str]) -> Pat
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The metadata of a checkpoint, without loading its tensors."""
-    path = _existing(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); it may be truncated or "
-            "corrupted. Recalibrate to write it again."
-        ) from err
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a sparse_lightning checkpoint (format {metadata.get('format')!r}, "
-            f"expected {FORMAT!r})."
-        )
-    return metadata
+    return _read(path, tensors=False)[0]
 
 
 def load_statistics(path: str | os.PathLike[str], expect: Fingerprint | None = None) -> Statistics:
     """Read a checkpoint; with ``expect``, check it was calibrated on that architecture.
 
+    Metadata and tensors come from one open handle, so a file replaced while it is read
+    (another process saving the same run) gives one whole file, never a mix of two.
+
     Raises:
-        CheckpointError: missing, truncated or corrupted file, or a fingerprint mismatch (the
-            message names both fingerprints).
+        CheckpointError: missing, truncated or corrupted file, non-finite statistics, or a
+            fingerprint mismatch (the message names both fingerprints).
     """
-    metadata = read_metadata(path)
+    metadata, tensors = _read(path, tensors=True)
     if expect is not None:
         stored = Fingerprint.from_json(metadata["fingerprint"])
         if stored != expect:
@@ -107,11 +108,52 @@ def load_statistics(path: str | os.PathLike[str], expect: Fingerprint | None = N
                 f"{expect.to_json()}. Load it onto the model it was calibrated on, or calibrate "
                 "this model."
             )
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} could not be read ({err}); it may be corrupted.") from err
+    _check_finite(tensors, Path(path))
     return Statistics.from_tensors(tensors, int(metadata.get("ig_steps", 0)), metadata)
+
+
+def _read(path: str | os.PathLike[str], tensors: bool) -> tuple[dict[str, str], dict[str, Tensor]]:
+    # The file is read once, through one handle: safetensors' lazy loading reopens the file by
+    # name for each tensor, which mixes two files when the checkpoint is replaced meanwhile.
+    path = _existing(path)
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if size > os.fstat(handle.fileno()).st_size - 8:
+                raise ValueError(f"its header claims {size} bytes, more than the file holds")
+            header = handle.read(size)
+            rest = handle.read() if tensors else b""
+        metadata = json.loads(header).get("__metadata__") or {}
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{path} is not a sparse_lightning checkpoint (format "
+                f"{metadata.get('format')!r}, expected {FORMAT!r})."
+            )
+        loaded = load_bytes(size.to_bytes(8, "little") + header + rest) if tensors else {}
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+            "corrupted. Recalibrate to write it again."
+        ) from err
+    return metadata, loaded
+
+
+def _check_finite(tensors: dict[str, Tensor], path: Path) -> None:
+    bad = [key for key, value in tensors.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(
+            f"The statistics for {path} are not finite (NaN or inf) in {', '.join(sorted(bad))}; "
+            "selection would read nonsense from them. Recalibrate in float32 (float16 "
+            "overflows) on data whose loss is finite."
+        )
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _existing(path: str | os.PathLike[str]) -> Path:

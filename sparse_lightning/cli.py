@@ -181,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             export=init.export,
             trainer=dict(config[name].trainer),
         )
+        check_recipe(recipe)
+    except (ValueError, TypeError) as error:
+        # An option out of range, before anything is loaded: one line, no traceback.
+        raise SystemExit(f"error: {error}") from None
+    try:
         commands[name](recipe)
     except _user_errors() as error:
         # Bad input, not a bug: the message names the problem and the fix; no traceback.
@@ -197,6 +202,56 @@ class Recipe:
     evaluation: EvaluationOptions
     export: ExportOptions
     trainer: dict[str, Any]
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Every option that can be checked without the model, so bad input fails in a second
+    instead of after loading a model or calibrating.
+
+    Raises:
+        ValueError, TypeError: naming the option (``section.key``) and what it accepts.
+    """
+    from sparse_lightning.calibration import AttributionCalibration
+    from sparse_lightning.evaluation import sweep_settings
+    from sparse_lightning.selection import SparsityConfig
+
+    def option(key: str, check: Any) -> None:
+        try:
+            check()
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{key}: {error}") from None
+
+    calibration, evaluation, export = recipe.calibration, recipe.evaluation, recipe.export
+
+    def targets() -> None:
+        if calibration.targets not in ("dense", "reference"):
+            raise ValueError(f"must be 'dense' or 'reference', got {calibration.targets!r}.")
+
+    def max_new_tokens() -> None:
+        if recipe.model.max_new_tokens < 1:
+            raise ValueError(f"must be >= 1, got {recipe.model.max_new_tokens}.")
+
+    def modes() -> None:
+        if not evaluation.modes:
+            raise ValueError("give at least one selection mode, e.g. [dynamic].")
+
+    option(
+        "calibration",
+        lambda: AttributionCalibration(
+            units=calibration.units,
+            ig_steps=calibration.ig_steps,
+            run_name=calibration.run_name,
+            dirpath=calibration.dirpath,
+        ),
+    )
+    option("calibration.targets", targets)
+    option("model.max_new_tokens", max_new_tokens)
+    option("evaluation.modes", modes)
+    option(
+        "evaluation",
+        lambda: sweep_settings(evaluation.modes, evaluation.levels, evaluation.metric),
+    )
+    option("export", lambda: SparsityConfig(export.levels, mode="static", metric=export.metric))
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -260,19 +315,28 @@ def evaluate(
 
 def sweep(recipe: Recipe) -> Path:
     """Calibrate unless a matching checkpoint exists, evaluate every setting, plot."""
+    from sparse_lightning.calibration import run_differences
     from sparse_lightning.checkpoint import CheckpointError, read_metadata
     from sparse_lightning.evaluation import plot
 
     module = _module(recipe)
-    path = recipe.calibration.checkpoint
-    wanted = recipe.data.describe("calibration")
+    options, path = recipe.calibration, recipe.calibration.checkpoint
+    dataset = recipe.data.describe("calibration")
     try:
         stored = read_metadata(path)
     except CheckpointError:
-        stored = {}
-    if recipe.calibration.reuse and stored.get("dataset") == wanted:
-        print(f"reusing {path} (calibrated on {wanted})")
+        stored = None
+    differ = (
+        run_differences(stored, module, options.units, dataset, options.ig_steps)
+        if stored is not None
+        else []
+    )
+    if options.reuse and stored is not None and not differ:
+        print(f"reusing {path} (calibrated on {dataset})")
     else:
+        if stored is not None and options.reuse:
+            # Another model, targets, units, data or IG steps: its statistics are not ours.
+            print(f"recalibrating: {path} came from a run with another {', '.join(differ)}")
         calibrate(recipe, module)
     rows, metadata = evaluate(recipe, module)
     title = (

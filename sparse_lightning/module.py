@@ -30,7 +30,7 @@ from sparse_lightning.attribution.capture import (
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.checkpoint import load_statistics
 from sparse_lightning.data.teacher_forcing import TeacherForcedBatch, teacher_forced, until_first
-from sparse_lightning.inference import Sparsifier, compact, sparsity_report
+from sparse_lightning.inference import Sparsifier, claim, compact, owns, sparsity_report
 from sparse_lightning.models import load_model
 from sparse_lightning.selection import SparsityConfig, build_selectors
 from sparse_lightning.units import UNIT_KINDS
@@ -82,13 +82,16 @@ class SparseActivationModule(L.LightningModule):
             model, loaded_tokenizer = load_model(model, gguf_file=gguf_file)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         self.architecture: ResolvedArchitecture = resolve(model)
+        # One model carries one installation: wrapping a model that an earlier wrapper made
+        # sparse takes it over (the earlier hooks go, with a warning).
+        claim(model, self)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.targets: Targets = targets
         self.max_new_tokens = max_new_tokens
         self.statistics: Statistics | None = None
-        self.sparsity = SparsityConfig()
-        self.sparsifier: Sparsifier | None = None
+        self._sparsity = SparsityConfig()
+        self._sparsifier: Sparsifier | None = None
         self._capture: ActivationCapture | None = None
 
     # --------------------------------------------------------------------------- sparsity
@@ -97,7 +100,7 @@ class SparseActivationModule(L.LightningModule):
         cls,
         model: PreTrainedModel | str | os.PathLike[str],
         path: str | os.PathLike[str],
-        sparsity: float | SparsityConfig | None = 0.5,
+        sparsity: float | SparsityConfig | None = None,
         *,
         mode: str | None = None,
         metric: str | None = None,
@@ -108,8 +111,9 @@ class SparseActivationModule(L.LightningModule):
         Args:
             model: as for the constructor.
             path: a ``.safetensors`` checkpoint written by the calibration callback.
-            sparsity: fraction of units zeroed for every unit kind not named in ``kwargs``,
-                or a whole :class:`~sparse_lightning.selection.SparsityConfig`.
+            sparsity: fraction of units zeroed for every unit kind not named in ``kwargs``
+                (0 when omitted, as in :meth:`set_sparsity`), or a whole
+                :class:`~sparse_lightning.selection.SparsityConfig`.
             mode: ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or
                 ``"gate"`` (see :data:`~sparse_lightning.selection.MODES`).
             metric: ranking metric of ``static`` and ``oracle`` (``"corrected_gxo"``).
@@ -156,17 +160,30 @@ class SparseActivationModule(L.LightningModule):
         config = SparsityConfig.from_arguments(sparsity, mode=mode, metric=metric, **levels)
         selectors = build_selectors(config, self.architecture, self.statistics)
         self.disable_sparsity()
-        self.sparsity = config
+        claim(self.model, self)  # takes the model back from another wrapper, if one took it
+        self._sparsity = config
         if selectors:
-            self.sparsifier = Sparsifier(self.model, self.architecture, selectors)
+            self._sparsifier = Sparsifier(self.model, self.architecture, selectors, owner=self)
         return config
 
     def disable_sparsity(self) -> None:
         """Back to the dense model (the statistics stay loaded)."""
-        if self.sparsifier is not None:
-            self.sparsifier.remove()
-        self.sparsifier = None
-        self.sparsity = SparsityConfig()
+        if self._sparsifier is not None:
+            self._sparsifier.remove()
+        self._sparsifier = None
+        self._sparsity = SparsityConfig()
+
+    @property
+    def sparsifier(self) -> Sparsifier | None:
+        """What this module installed on the model, while it is installed (see
+        :class:`~sparse_lightning.inference.sparsifier.Sparsifier`)."""
+        installed = self._sparsifier is not None and self._sparsifier.installed
+        return self._sparsifier if installed else None
+
+    @property
+    def sparsity(self) -> SparsityConfig:
+        """The setting the model runs with (dense once another wrapper took the model over)."""
+        return self._sparsity if self.sparsifier is not None else SparsityConfig()
 
     def dense(self) -> contextlib.AbstractContextManager[None]:
         """Inside, the wrapped model runs dense; the sparsity comes back on exit.
@@ -175,6 +192,7 @@ class SparseActivationModule(L.LightningModule):
             >>> with module.dense():  # doctest: +SKIP
             ...     reference = module.model(**inputs).logits
         """
+        self._require_ownership()
         return self.sparsifier.paused() if self.sparsifier is not None else contextlib.nullcontext()
 
     def realized_sparsity(self, reset: bool = False) -> dict[str, float]:
@@ -185,6 +203,7 @@ class SparseActivationModule(L.LightningModule):
             ``paper_sparsity`` (1/3 heads + 2/3 MLP) and ``linear_macs_skippable`` (the share
             of all linear-layer multiply-adds that the zeroed units account for).
         """
+        self._require_ownership()
         realized = self.sparsifier.realized() if self.sparsifier is not None else {}
         if reset and self.sparsifier is not None:
             self.sparsifier.reset_counts()
@@ -408,6 +427,14 @@ class SparseActivationModule(L.LightningModule):
                 loss = self.answer_loss(tf) / tf.num_answer_tokens
         self.log("dense_answer_loss", loss, batch_size=tf.num_answer_tokens, sync_dist=True)
         return {"batch": tf}
+
+    def _require_ownership(self) -> None:
+        if not owns(self.model, self):
+            raise RuntimeError(
+                "Another SparseActivationModule took this model over, so this one no longer "
+                "knows what the model runs: use the newer wrapper, or call set_sparsity(...) on "
+                "this one to take the model back."
+            )
 
 
 def _require(batch: dict[str, Tensor], keys: tuple[str, ...]) -> None:

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor, nn
 
@@ -67,3 +69,19 @@ def slice_inputs(state: dict[str, Tensor], path: str, module: nn.Module, keep: T
     """Keep only the input features ``keep`` of ``path`` in a state dict."""
     dim = 0 if is_transposed(module) else 1
     state[f"{path}.weight"] = state[f"{path}.weight"].index_select(dim, keep)
+
+
+def weights_digest(model: nn.Module, sample: int = 4096) -> str:
+    """A short fingerprint of a model's weight *values* (not only their shapes).
+
+    Hashes every tensor's name, shape, dtype and its first and last ``sample`` elements: two
+    checkpoints of the same architecture (a base model and its instruct tune) differ there,
+    and it costs milliseconds where hashing every byte would cost seconds.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        for part in (flat[:sample], flat[-sample:]):
+            digest.update(part.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

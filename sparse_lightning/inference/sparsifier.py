@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -38,6 +40,35 @@ from sparse_lightning.selection import Selector, StaticSelector, prepare_oracles
 #: What a selector decides from (``Selector.reads``) -> the executor that applies it.
 EXECUTORS: dict[str, type] = {"units": MaskExecutor, "gate": GateExecutor}
 
+#: model -> the object that owns it (a wrapper), and model -> the sparsity installed on it. One
+#: model carries at most one installation, whoever made it.
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, Sparsifier] = weakref.WeakKeyDictionary()
+
+
+def claim(model: nn.Module, owner: object) -> None:
+    """Make ``owner`` the one object that installs sparsity on ``model``.
+
+    Sparsity that another owner installed is removed first (with a warning), so re-running a
+    notebook cell or wrapping the same model in a loop never stacks hooks, and a wrapper never
+    reports dense while an earlier one's hooks still run.
+    """
+    _OWNERS[model] = weakref.ref(owner)
+    installed = _INSTALLED.get(model)
+    if installed is not None and installed.owner is not owner:
+        installed.remove()
+        warnings.warn(
+            "This model already carried sparsity installed by another wrapper; the new one "
+            "takes it over (the other's hooks are removed and it no longer changes the model).",
+            stacklevel=3,
+        )
+
+
+def owns(model: nn.Module, owner: object) -> bool:
+    """Whether ``owner`` is the last object that claimed ``model``."""
+    ref = _OWNERS.get(model)
+    return ref is not None and ref() is owner
+
 
 class Sparsifier:
     """The executors of one sparsity setting on one model, and what they zeroed.
@@ -46,6 +77,7 @@ class Sparsifier:
         model: the wrapped model (it carries the executors until :meth:`remove`).
         architecture: its resolution.
         selectors: unit kind -> selector; kinds left out stay dense.
+        owner: the wrapper installing it (see :func:`claim`); the sparsifier itself by default.
 
     Attributes:
         enabled: ``False`` runs the model dense (see :meth:`paused`).
@@ -58,7 +90,10 @@ class Sparsifier:
         model: nn.Module,
         architecture: ResolvedArchitecture,
         selectors: Mapping[str, Selector],
+        owner: object | None = None,
     ) -> None:
+        self.owner = self if owner is None else owner
+        claim(model, self.owner)
         self.model = model
         self.architecture = architecture
         self.selectors = dict(selectors)
@@ -70,12 +105,20 @@ class Sparsifier:
             for kind, selector in self.selectors.items()
             for layer in range(architecture.num_layers)
         ]
+        _INSTALLED[model] = self
+
+    @property
+    def installed(self) -> bool:
+        """Its executors are on the model (not removed, not taken over)."""
+        return _INSTALLED.get(self.model) is self
 
     def remove(self) -> None:
         """Take every executor off the model: it is the plain model again, bit for bit."""
         for executor in self.executors:
             executor.remove()
         self.executors.clear()
+        if self.installed:
+            del _INSTALLED[self.model]
 
     @contextmanager
     def paused(self) -> Iterator[None]:

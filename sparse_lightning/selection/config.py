@@ -27,18 +27,22 @@ from sparse_lightning.units import UNIT_KINDS, check_kinds, kind_names
 def check_level(name: str, value: object) -> float:
     """A sparsity level: a real number in ``[0, 1)``, the fraction of units zeroed.
 
+    Args:
+        name: how the error names the argument (``"mlp sparsity"``, ``"sparsity"``).
+        value: the level.
+
     Raises:
         TypeError: not a number (a string such as ``"0.5"``, ``None``, a bool).
         ValueError: outside ``[0, 1)``.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"{name} sparsity must be a number in [0, 1), got {value!r} "
-            f"({type(value).__name__}); e.g. {name}=0.5 zeroes half."
+            f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__}); "
+            "0.5 zeroes half of the units."
         )
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(
-            f"{name} sparsity must be in [0, 1) (the fraction of units zeroed), got {value}; "
+            f"{name} must be in [0, 1) (the fraction of units zeroed), got {value}; "
             "0.5 zeroes half."
         )
     return float(value)
@@ -72,7 +76,9 @@ class SparsityConfig:
     ) -> None:
         given = {**dict(levels or {}), **per_kind}
         check_kinds(given or kind_names(), "sparsity levels")
-        checked = {kind: check_level(kind, given.get(kind, 0.0)) for kind in UNIT_KINDS}
+        checked = {
+            kind: check_level(f"{kind} sparsity", given.get(kind, 0.0)) for kind in UNIT_KINDS
+        }
         object.__setattr__(self, "levels", MappingProxyType(checked))
         object.__setattr__(self, "mode", check_mode(mode))
         object.__setattr__(self, "metric", check_metric(metric))
