@@ -104,6 +104,7 @@ class SparseActivationModule(L.LightningModule):
         *,
         mode: str | None = None,
         metric: str | None = None,
+        phase: str | None = None,
         **kwargs: Any,
     ) -> SparseActivationModule:
         """Wrap ``model`` and apply sparsity chosen from a calibration checkpoint.
@@ -117,6 +118,7 @@ class SparseActivationModule(L.LightningModule):
             mode: ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or
                 ``"gate"`` (see :data:`~sparse_lightning.selection.MODES`).
             metric: ranking metric of ``static`` and ``oracle`` (``"corrected_gxo"``).
+            phase: ``"decode"`` (default: prompts dense, decode steps sparse) or ``"all"``.
             **kwargs: a level per unit kind (``mlp=0.7, heads=0.0``); the rest goes to the
                 constructor (``tokenizer``, ``targets``, ...).
 
@@ -128,7 +130,7 @@ class SparseActivationModule(L.LightningModule):
         levels = {k: kwargs.pop(k) for k in list(kwargs) if k in UNIT_KINDS}
         module = cls(model, **kwargs)
         module.load_statistics(path)
-        module.set_sparsity(sparsity, mode=mode, metric=metric, **levels)
+        module.set_sparsity(sparsity, mode=mode, metric=metric, phase=phase, **levels)
         return module
 
     def load_statistics(self, path: str | os.PathLike[str]) -> Statistics:
@@ -142,6 +144,7 @@ class SparseActivationModule(L.LightningModule):
         *,
         mode: str | None = None,
         metric: str | None = None,
+        phase: str | None = None,
         **levels: float,
     ) -> SparsityConfig:
         """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense.
@@ -151,19 +154,25 @@ class SparseActivationModule(L.LightningModule):
                 or a whole :class:`~sparse_lightning.selection.SparsityConfig`.
             mode: selection mode (``"dynamic"`` by default).
             metric: ranking metric of ``static`` and ``oracle``.
+            phase: ``"decode"`` (default): a prompt's forward (several tokens, no past) runs
+                dense and decode steps sparse, as the paper and TEAL do; ``"all"``: every token.
             **levels: a level per unit kind, e.g. ``mlp=0.7, heads=0.0``.
 
         Example:
             >>> module.set_sparsity(mlp=0.5, mode="magnitude")  # doctest: +SKIP
             >>> module.set_sparsity(SparsityConfig(mlp=0.5, heads=0.25))  # doctest: +SKIP
         """
-        config = SparsityConfig.from_arguments(sparsity, mode=mode, metric=metric, **levels)
+        config = SparsityConfig.from_arguments(
+            sparsity, mode=mode, metric=metric, phase=phase, **levels
+        )
         selectors = build_selectors(config, self.architecture, self.statistics)
         self.disable_sparsity()
         claim(self.model, self)  # takes the model back from another wrapper, if one took it
         self._sparsity = config
         if selectors:
-            self._sparsifier = Sparsifier(self.model, self.architecture, selectors, owner=self)
+            self._sparsifier = Sparsifier(
+                self.model, self.architecture, selectors, owner=self, phase=config.phase
+            )
         return config
 
     def disable_sparsity(self) -> None:
@@ -289,10 +298,21 @@ class SparseActivationModule(L.LightningModule):
             units = self.dense_units_and_gradients(batch, self.sparsifier.batch_kinds())
         self.sparsifier.prepare(units)
 
+    def sparse_positions(self, mask: Tensor) -> contextlib.AbstractContextManager[None]:
+        """Inside, a forward of ``mask``'s shape is sparse exactly at ``mask``'s positions.
+
+        With ``phase="decode"`` this is how teacher forcing emulates decoding: pass
+        ``labels != -100`` and the answer's tokens run sparse, the prompt's dense.
+        """
+        if self.sparsifier is None:
+            return contextlib.nullcontext()
+        return self.sparsifier.sparse_positions(mask)
+
     def sparse_logits(self, batch: TeacherForcedBatch) -> Tensor:
-        """Teacher-forced logits under the current sparsity (per-batch masks prepared first)."""
+        """Teacher-forced logits under the current sparsity: the answer's tokens sparse (as
+        decode steps would be), the prompt's dense unless ``phase="all"``."""
         self.prepare_masks(batch)
-        with torch.no_grad():
+        with torch.no_grad(), self.sparse_positions(batch.labels != -100):
             return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
     # ----------------------------------------------------------------------------- token ids
@@ -399,7 +419,8 @@ class SparseActivationModule(L.LightningModule):
         tf = self.prepare_batch(batch)
         if self._capture is None:
             self.prepare_masks(tf)
-            loss_sum = self.answer_loss(tf)
+            with self.sparse_positions(tf.labels != -100):
+                loss_sum = self.answer_loss(tf)
         else:
             tf = tf.autograd_ready()
             with gradients_enabled(), self._capture.record():

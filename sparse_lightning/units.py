@@ -20,7 +20,7 @@ Example:
     >>> UNIT_KINDS["heads"].site, UNIT_KINDS["heads"].per_head
     ('attn_out', True)
     >>> kind_names()
-    ('mlp', 'heads')
+    ('mlp', 'heads', 'attn_input', 'mlp_input', 'head_features')
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ class Shape(Protocol):
 
     def site_modules(self, site: str, layer: int) -> tuple[nn.Module, ...]: ...
 
+    def site_outputs(self, site: str) -> int:
+        """Output features of the projections reading ``site`` (summed): the weights one
+        input channel of the site meets, so the multiply-adds it accounts for."""
+        ...
+
 
 @dataclass(frozen=True)
 class UnitKind:
@@ -60,6 +65,8 @@ class UnitKind:
             compaction removes). Bytes of weight per unit = ``macs`` x element size.
         label: how tables and logs name the kind.
         ratio_key: the key of its realized zero ratio in reports and logs.
+        uniform: a bare sparsity level (``set_sparsity(0.5)``) applies to it: the paper's units.
+            The input-channel kinds are asked for by name or through a byte budget.
     """
 
     name: str
@@ -70,6 +77,7 @@ class UnitKind:
     macs: Callable[[Shape], int]
     label: str
     ratio_key: str
+    uniform: bool = False
 
 
 #: name -> kind, in the order tables list them.
@@ -86,6 +94,7 @@ UNIT_KINDS: dict[str, UnitKind] = {
             macs=lambda arch: (len(arch.site_modules("mlp_in", 0)) + 1) * arch.hidden_size,
             label="MLP neurons",
             ratio_key="mlp_zero_ratio",
+            uniform=True,
         ),
         UnitKind(
             name="heads",
@@ -98,6 +107,39 @@ UNIT_KINDS: dict[str, UnitKind] = {
             macs=lambda arch: 2 * arch.hidden_size * arch.head_dim,
             label="attention heads",
             ratio_key="head_zero_ratio",
+            uniform=True,
+        ),
+        # The input channels of the other linear layers (TEAL's view): an input-sparse kernel
+        # skips a channel's weights before the layer runs, wherever the layer sits.
+        UnitKind(
+            name="attn_input",
+            site="attn_in",
+            per_head=False,
+            removable=False,
+            paper_weight=0.0,
+            macs=lambda arch: arch.site_outputs("attn_in"),
+            label="attention input channels",
+            ratio_key="attn_input_zero_ratio",
+        ),
+        UnitKind(
+            name="mlp_input",
+            site="mlp_in",
+            per_head=False,
+            removable=False,
+            paper_weight=0.0,
+            macs=lambda arch: arch.site_outputs("mlp_in"),
+            label="MLP input channels",
+            ratio_key="mlp_input_zero_ratio",
+        ),
+        UnitKind(
+            name="head_features",
+            site="attn_out",
+            per_head=False,
+            removable=False,
+            paper_weight=0.0,
+            macs=lambda arch: arch.site_outputs("attn_out"),
+            label="head features (attention output projection input channels)",
+            ratio_key="head_features_zero_ratio",
         ),
     )
 }
@@ -106,6 +148,19 @@ UNIT_KINDS: dict[str, UnitKind] = {
 def kind_names() -> tuple[str, ...]:
     """Every unit kind's name, in table order."""
     return tuple(UNIT_KINDS)
+
+
+def uniform_kinds() -> tuple[str, ...]:
+    """The kinds a bare sparsity level applies to (see ``UnitKind.uniform``)."""
+    return tuple(name for name, kind in UNIT_KINDS.items() if kind.uniform)
+
+
+def shared_sites(kinds: Iterable[str]) -> dict[str, list[str]]:
+    """Sites that more than one of ``kinds`` reads (they cannot both select there)."""
+    by_site: dict[str, list[str]] = {}
+    for kind in kinds:
+        by_site.setdefault(UNIT_KINDS[kind].site, []).append(kind)
+    return {site: names for site, names in by_site.items() if len(names) > 1}
 
 
 def check_kinds(kinds: Iterable[str], what: str = "units") -> tuple[str, ...]:

@@ -61,7 +61,7 @@ def test_compacted_tiny_models_reload_in_stock_transformers(model_type, tmp_path
         tiny_model(model_type), loader_of(token_pairs(6)), run_name="c", dirpath=tmp_path
     )
     module = SparseActivationModule.from_pretrained(
-        tiny_model(model_type), callback.checkpoint_path, 0.5, mode="static"
+        tiny_model(model_type), callback.checkpoint_path, 0.5, mode="static", phase="all"
     )
     ids = torch.randint(3, 99, (2, 11), generator=torch.Generator().manual_seed(0))
     small_params, params = compact_and_compare(module, ids, tmp_path)
@@ -80,7 +80,12 @@ def test_compacted_model_decodes_like_the_masked_model(model_type, tmp_path):
     )
     heads = 0.5 if ARCHITECTURES[model_type].heads_removable else 0.0
     module = SparseActivationModule.from_pretrained(
-        tiny_model(model_type), callback.checkpoint_path, mlp=0.5, heads=heads, mode="static"
+        tiny_model(model_type),
+        callback.checkpoint_path,
+        mlp=0.5,
+        heads=heads,
+        mode="static",
+        phase="all",
     )
     small = module.compact()
     ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(2))
@@ -107,11 +112,11 @@ def test_gpt2_compacts_neurons_but_refuses_heads(tmp_path):
         tiny_model("gpt2"), loader_of(token_pairs(4)), run_name="g", dirpath=tmp_path
     )
     module = SparseActivationModule.from_pretrained(
-        tiny_model("gpt2"), callback.checkpoint_path, mlp=0.5, heads=0.5, mode="static"
+        tiny_model("gpt2"), callback.checkpoint_path, mlp=0.5, heads=0.5, mode="static", phase="all"
     )
     with pytest.raises(ValueError, match="Heads cannot be removed from gpt2"):
         module.compact()
-    module.set_sparsity(mlp=0.5, heads=0.0, mode="static")
+    module.set_sparsity(mlp=0.5, heads=0.0, mode="static", phase="all")
     ids = torch.randint(3, 99, (1, 7), generator=torch.Generator().manual_seed(1))
     compact_and_compare(module, ids, tmp_path)
 
@@ -141,7 +146,7 @@ def test_compacted_smollm2_matches_masked_model(smollm2, tmp_path):
     ]
     _, _, callback = calibrate(model, loader_of(pairs), run_name="s", dirpath=tmp_path)
     module = SparseActivationModule.from_pretrained(
-        model, callback.checkpoint_path, 0.5, mode="static", tokenizer=tokenizer
+        model, callback.checkpoint_path, 0.5, mode="static", tokenizer=tokenizer, phase="all"
     )
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     small_params, params = compact_and_compare(module, ids, tmp_path)

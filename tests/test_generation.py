@@ -76,6 +76,9 @@ def test_lm_eval_hflm_scores_the_sparse_model(sparse_smollm2):
     from lm_eval.api.instance import Instance
 
     module, tokenizer = sparse_smollm2
+    # lm-eval scores a continuation in one forward over context + continuation, which the
+    # default decode-only phase runs dense: sparsify every token here.
+    module.set_sparsity(0.5, phase="all")
     request = Instance(
         request_type="loglikelihood",
         doc={},

@@ -20,6 +20,7 @@ LAYERS = (
     ("attribution",),
     ("checkpoint", "data"),
     ("selection",),
+    ("kernels",),
     ("inference",),
     ("models",),
     ("module",),

@@ -45,7 +45,7 @@ def test_lm_eval_helper_matches_hand_log_likelihoods_dense_and_sparse(smollm2, t
     module = SparseActivationModule(model, tokenizer)
     lls = {}
     for name, mlp in (("dense", 0.0), ("sparse", 0.5)):
-        module.set_sparsity(mlp=mlp, heads=0.0, mode="magnitude")
+        module.set_sparsity(mlp=mlp, heads=0.0, mode="magnitude", phase="all")
         out = evaluate_with_lm_eval(
             module, ["openbookqa_local"], include_path=task_dir, limit=2, log_samples=True
         )

@@ -40,7 +40,9 @@ def logits(model) -> torch.Tensor:
 def test_a_new_wrapper_takes_the_model_over_and_the_old_one_leaves_nothing(checkpoint):
     model = tiny_model("llama")
     plain = logits(tiny_model("llama"))
-    first = SparseActivationModule.from_pretrained(model, checkpoint, 0.9, mode="magnitude")
+    first = SparseActivationModule.from_pretrained(
+        model, checkpoint, 0.9, mode="magnitude", phase="all"
+    )
     assert not torch.allclose(logits(model), plain, atol=1e-6)
     with pytest.warns(UserWarning, match="takes it over"):
         second = SparseActivationModule.from_pretrained(model, checkpoint, 0.0)
@@ -52,12 +54,14 @@ def test_a_new_wrapper_takes_the_model_over_and_the_old_one_leaves_nothing(check
 def test_the_wrapper_taken_over_knows_it_and_can_take_the_model_back(checkpoint):
     model = tiny_model("llama")
     plain = logits(tiny_model("llama"))
-    first = SparseActivationModule.from_pretrained(model, checkpoint, 0.9, mode="magnitude")
+    first = SparseActivationModule.from_pretrained(
+        model, checkpoint, 0.9, mode="magnitude", phase="all"
+    )
     with pytest.warns(UserWarning, match="takes it over"):
         second = SparseActivationModule(model)
     assert first.sparsifier is None and first.sparsity.is_dense  # no stale setting reported
     assert torch.equal(logits(model), plain)
-    first.set_sparsity(0.5, mode="magnitude")  # takes the model back
+    first.set_sparsity(0.5, mode="magnitude", phase="all")  # takes the model back
     with pytest.raises(RuntimeError, match="took this model over"):
         second.realized_sparsity()  # it would report dense while the model runs sparse
     sparse = logits(model)

@@ -15,7 +15,7 @@ PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
 
 def gate_module(model_type: str, mlp: float = 0.5) -> SparseActivationModule:
     module = SparseActivationModule(tiny_model(model_type))
-    module.set_sparsity(mlp=mlp, heads=0.0, mode="gate")
+    module.set_sparsity(mlp=mlp, heads=0.0, mode="gate", phase="all")
     return module
 
 

@@ -65,7 +65,7 @@ def test_magnitude_mode_equals_hand_zeroing_of_smallest_units():
     model = tiny_model("llama")
     ids = sample_batch().input_ids
     module = SparseActivationModule(tiny_model("llama"))
-    module.set_sparsity(mlp=0.5, heads=0.0, mode="magnitude")
+    module.set_sparsity(mlp=0.5, heads=0.0, mode="magnitude", phase="all")
 
     def zero_smallest(mod, args):
         x = args[0]
@@ -84,7 +84,7 @@ def test_magnitude_mode_equals_hand_zeroing_of_smallest_units():
 def test_static_mode_zeroes_top_units_of_mean_corrected_gxo(checkpoints):
     stats, path = checkpoints["llama"]
     module = SparseActivationModule.from_pretrained(
-        tiny_model("llama"), path, mlp=0.7, heads=0.0, mode="static"
+        tiny_model("llama"), path, mlp=0.7, heads=0.0, mode="static", phase="all"
     )
     model = tiny_model("llama")
     keep = round(37 * 0.3)  # 11 kept of 37
@@ -110,7 +110,7 @@ def test_dynamic_mode_hits_target_sparsity_on_calibration_data(tmp_path):
     )
     for target in (0.3, 0.7):
         module = SparseActivationModule.from_pretrained(
-            tiny_model("llama"), callback.checkpoint_path, target, targets="reference"
+            tiny_model("llama"), callback.checkpoint_path, target, targets="reference", phase="all"
         )
         # Only answer-predicting positions were calibrated: measure there.
         for raw in loader_of(pairs):
@@ -124,7 +124,7 @@ def test_dynamic_mode_hits_target_sparsity_on_calibration_data(tmp_path):
 
 def test_accounting_by_hand():
     module = SparseActivationModule(tiny_model("llama"))
-    module.set_sparsity(mlp=0.5, heads=0.5, mode="magnitude")
+    module.set_sparsity(mlp=0.5, heads=0.5, mode="magnitude", phase="all")
     with torch.no_grad():
         module.model(sample_batch().input_ids)
     report = module.realized_sparsity()
@@ -155,7 +155,7 @@ def test_sparsity_outside_unit_interval_is_an_error(checkpoints):
 
 def test_oracle_needs_its_own_batch():
     module = SparseActivationModule(tiny_model("llama"))
-    module.set_sparsity(0.5, mode="oracle", metric="corrected_gxo")
+    module.set_sparsity(0.5, mode="oracle", metric="corrected_gxo", phase="all")
     with pytest.raises(RuntimeError, match=r"sparse_logits\(batch\)"):
         module.model(sample_batch().input_ids)
     with pytest.raises(ValueError, match="one backward"):

@@ -82,6 +82,10 @@ class ResolvedArchitecture:
         """The projections of decoder layer ``layer`` whose input is ``site``."""
         return tuple(self.layers[layer].get_submodule(p) for p in self.spec.paths(site))
 
+    def site_outputs(self, site: str) -> int:
+        """Output features of the projections reading ``site``, summed (layer 0)."""
+        return sum(out_features(m) for m in self.site_modules(site, 0))
+
     def out_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """Per layer, the projection whose input holds the units of ``kind``."""
         site = UNIT_KINDS[check_kinds([kind])[0]].site

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from sparse_lightning.architectures import ResolvedArchitecture
-from sparse_lightning.units import check_kinds, kind_names
+from sparse_lightning.units import UNIT_KINDS, check_kinds, kind_names
 
 
 @contextmanager
@@ -42,10 +42,13 @@ def gradients_enabled() -> Iterator[None]:
 
 
 class ActivationCapture:
-    """Records the inputs of the MLP and attention output projections during a forward.
+    """Records, during a forward, the input of every site that holds the kinds asked for.
 
-    Hooks are installed while the object is entered as a context manager and fire only inside
-    :meth:`record`, so generation and other forwards in between pass through untouched.
+    A site's input feeds one or more projections (q, k and v read the same hidden state); all
+    of them get the same recorded tensor, so its gradient sums every path. Kinds that share a
+    site (heads and their features) share the recording and differ only in
+    :meth:`unit_view`. Hooks are installed while the object is entered as a context manager
+    and fire only inside :meth:`record`, so generation and other forwards pass through.
 
     Args:
         architecture: the resolved model (from :func:`~sparse_lightning.architectures.resolve`).
@@ -57,16 +60,19 @@ class ActivationCapture:
     ) -> None:
         self.architecture = architecture
         self.kinds = check_kinds(kind_names() if kinds is None else kinds, "kinds")
+        self.sites = tuple(dict.fromkeys(UNIT_KINDS[k].site for k in self.kinds))
         self.captured: dict[str, list[Tensor | None]] = {}
+        self._sources: dict[tuple[str, int], Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._recording = False
         self._scale = 1.0
 
     def __enter__(self) -> ActivationCapture:
-        for kind in self.kinds:
-            for layer, module in enumerate(self.architecture.out_modules(kind)):
-                hook = self._make_hook(kind, layer)
-                self._handles.append(module.register_forward_pre_hook(hook))
+        for site in self.sites:
+            for layer in range(self.architecture.num_layers):
+                hook = self._make_hook(site, layer)
+                for module in self.architecture.site_modules(site, layer):
+                    self._handles.append(module.register_forward_pre_hook(hook))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -79,7 +85,7 @@ class ActivationCapture:
     def record(self, scale: float = 1.0) -> Iterator[ActivationCapture]:
         """Capture the units of the forwards run inside; optionally scale them by ``scale``.
 
-        ``scale`` multiplies every captured activation before the projection uses it (the path
+        ``scale`` multiplies every captured activation before the projections use it (the path
         of integrated gradients); the captured tensor is the scaled one, so gradients taken
         with respect to it are ``dF/da`` at ``scale * a``.
         """
@@ -89,25 +95,26 @@ class ActivationCapture:
             yield self
         finally:
             self._recording, self._scale = False, 1.0
+            self._sources.clear()
 
     def clear(self) -> None:
         """Drop the captured tensors (and the autograd graph they keep alive)."""
-        self.captured = {
-            kind: [None] * len(self.architecture.out_modules(kind)) for kind in self.kinds
-        }
+        layers = self.architecture.num_layers
+        self.captured = {site: [None] * layers for site in self.sites}
+        self._sources.clear()
 
     def tensors(self) -> list[Tensor]:
-        """Captured tensors in a fixed order: every layer of the first kind, then the next."""
-        flat = [t for kind in self.kinds for t in self.captured[kind]]
+        """Captured site inputs in a fixed order: every layer of the first site, then the next."""
+        flat = [t for site in self.sites for t in self.captured[site]]
         if any(t is None for t in flat):
             raise RuntimeError(
-                "Some output projections did not run during record(); the model's forward "
-                "skipped a layer, or no forward ran inside record()."
+                "Some projections did not run during record(); the model's forward skipped a "
+                "layer, or no forward ran inside record()."
             )
         return flat  # type: ignore[return-value]
 
     def unit_view(self, kind: str, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Reshape projection inputs to ``(batch * seq, units, width)``.
+        """Reshape site inputs to ``(batch * seq, units, width)`` for ``kind``.
 
         Some models (OPT) flatten batch and sequence before their MLP; flattening both ways
         gives every architecture the same token order, that of a ``(batch, seq)`` mask.
@@ -118,24 +125,26 @@ class ActivationCapture:
 
     def by_kind(self, tensors: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         """Split a :meth:`tensors`-ordered list per unit kind, each as :meth:`unit_view`."""
-        out, offset = {}, 0
-        for kind in self.kinds:
-            n = self.architecture.num_layers
-            out[kind] = self.unit_view(kind, tensors[offset : offset + n])
-            offset += n
-        return out
+        n = self.architecture.num_layers
+        per_site = {site: tensors[i * n : (i + 1) * n] for i, site in enumerate(self.sites)}
+        return {kind: self.unit_view(kind, per_site[UNIT_KINDS[kind].site]) for kind in self.kinds}
 
-    def _make_hook(self, kind: str, layer: int):
+    def _make_hook(self, site: str, layer: int):
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
             if not self._recording:
                 return None
             x = args[0]
+            recorded = self.captured[site][layer]
+            if recorded is not None and self._sources.get((site, layer)) is x:
+                # Another projection reading the same input (k and v after q): same tensor.
+                return (recorded, *args[1:])
+            self._sources[(site, layer)] = x
             if not x.requires_grad:
                 # Frozen weights: nothing upstream needs a gradient, so the graph starts here.
                 x = x.detach().requires_grad_()
             if self._scale != 1.0:
                 x = x * self._scale
-            self.captured[kind][layer] = x
+            self.captured[site][layer] = x
             return (x, *args[1:])
 
         return hook

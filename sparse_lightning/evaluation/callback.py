@@ -170,7 +170,8 @@ class QAEvaluation(L.Callback):
             chunk = rows[start : start + self.choice_batch_size]
             ids, mask, labels = _pack([(p, c) for _, p, c in chunk], module.pad_token_id)
             ids, mask, labels = (t.to(module.device) for t in (ids, mask, labels))
-            with torch.no_grad():
+            # A choice's tokens are what decoding would produce: sparse, the prompt dense.
+            with torch.no_grad(), module.sparse_positions(labels != IGNORE):
                 logits = module.model(input_ids=ids, attention_mask=mask).logits
             chunk_scores = sequence_log_likelihood(logits, labels)
             for (question, _, _), score in zip(chunk, chunk_scores, strict=True):

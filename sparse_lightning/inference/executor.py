@@ -1,7 +1,9 @@
 """What executors and their owner promise each other (so neither imports the other).
 
 An *executor* applies one layer's selection of one unit kind to the model (masking, or a path
-that skips work); the :class:`~sparse_lightning.inference.sparsifier.Sparsifier` owns them.
+that skips work); the :class:`~sparse_lightning.inference.sparsifier.Sparsifier` owns them and
+says which tokens of a forward are sparse (:meth:`Owner.sparse_rows`): by default only decode
+steps, as in the paper and TEAL, so a prompt's forward runs dense.
 """
 
 from __future__ import annotations
@@ -25,8 +27,30 @@ class Owner(Protocol):
 
     def count(self, kind: str, zeroed: Tensor, seen: int | Tensor) -> None: ...
 
+    def sparse_rows(self, x: Tensor) -> bool | Tensor:
+        """Which tokens of the site input ``x`` are sparse: all (``True``), none (``False``),
+        or a ``(tokens,)`` bool mask (teacher forcing: the answer's positions)."""
+        ...
+
 
 class Executor(Protocol):
     """Applies one layer's selection for one unit kind; removable."""
 
     def remove(self) -> None: ...
+
+
+def restrict(keep: Tensor, rows: bool | Tensor, tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A ``(tokens, units)`` keep-mask that keeps everything outside the sparse ``rows``, and
+    how many unit-tokens it zeroes out of how many sparse ones (for the realized tally).
+
+    Args:
+        keep: ``(tokens, units)``, or ``(units,)`` for a fixed set.
+        rows: :meth:`Owner.sparse_rows` of the forward (not ``False``).
+        tokens: tokens in the forward.
+    """
+    keep = keep.expand(tokens, keep.shape[-1]) if keep.dim() == 1 else keep
+    if rows is True:
+        return keep, (~keep).sum(), keep.new_tensor(keep.numel(), dtype=keep.sum().dtype)
+    assert isinstance(rows, Tensor)
+    keep = keep | ~rows.unsqueeze(-1)
+    return keep, (~keep).sum(), rows.sum() * keep.shape[-1]

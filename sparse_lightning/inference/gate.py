@@ -48,7 +48,7 @@ from torch import Tensor
 
 from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.architectures.weights import input_rows, restore_layout, store_input_rows
-from sparse_lightning.inference.executor import Owner
+from sparse_lightning.inference.executor import Owner, restrict
 from sparse_lightning.selection import GateSelector
 
 #: Largest kept fraction at which the up projection's kept rows are gathered (see above).
@@ -107,6 +107,9 @@ class GateExecutor:
     def _gated_forward(self, x: Tensor) -> Tensor:
         if not self.sparsifier.enabled:
             return self._original(x)
+        rows = self.sparsifier.sparse_rows(x)
+        if rows is False:
+            return self._original(x)
         g = self.act(self.gate(x))
         flat = g.reshape(-1, self.units)
         if self.sparsifier.gather and flat.shape[0] == 1:
@@ -117,17 +120,20 @@ class GateExecutor:
             else:
                 u = self.up(x).reshape(-1).index_select(0, index)
             return self._cut_out_proj(index, g.reshape(-1).index_select(0, index) * u, x)
-        keep = self._kept_mask(flat).reshape(g.shape)
+        keep = self._kept_mask(flat, rows).reshape(g.shape)
         return self.out_proj(g * self.up(x) * keep)
 
     def _plain_forward(self, a: Tensor) -> Tensor:
         if not self.sparsifier.enabled:
             return self._original(a)
+        rows = self.sparsifier.sparse_rows(a)
+        if rows is False:
+            return self._original(a)
         flat = a.reshape(-1, self.units)
         if self.sparsifier.gather and flat.shape[0] == 1:
             index = self._kept_index(flat)
             return self._cut_out_proj(index, flat[0].index_select(0, index), a)
-        return self._original(a * self._kept_mask(flat).reshape(a.shape))
+        return self._original(a * self._kept_mask(flat, rows).reshape(a.shape))
 
     # ---------------------------------------------------------------------------- helpers
     def _kept_index(self, flat: Tensor) -> Tensor:
@@ -137,9 +143,10 @@ class GateExecutor:
         self.sparsifier.count(self.kind, zeroed=zeroed, seen=self.units)
         return index
 
-    def _kept_mask(self, flat: Tensor) -> Tensor:
+    def _kept_mask(self, flat: Tensor, rows: bool | Tensor) -> Tensor:
         keep = self.selector.keep(self.layer, flat.unsqueeze(-1))
-        self.sparsifier.count(self.kind, zeroed=(~keep).sum(), seen=keep.numel())
+        keep, zeroed, seen = restrict(keep, rows, flat.shape[0])
+        self.sparsifier.count(self.kind, zeroed=zeroed, seen=seen)
         return keep.to(flat.dtype)
 
     def _cut_out_proj(self, index: Tensor, weights: Tensor, like: Tensor) -> Tensor:

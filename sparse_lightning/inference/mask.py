@@ -1,23 +1,27 @@
-"""The reference executor: zero the dropped units at the input of the projection that reads them.
+"""The reference executor: zero the dropped units at the input of the projections that read them.
 
 Masking multiplies by zero and saves no work; it is what every faster executor must equal, and
-what multi-token forwards (prefill, teacher forcing) run.
+what runs where no faster path applies (several tokens at once, heads).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from sparse_lightning.architectures import ResolvedArchitecture
-from sparse_lightning.inference.executor import Owner
+from sparse_lightning.inference.executor import Owner, restrict
 from sparse_lightning.selection import Selector
+from sparse_lightning.units import UNIT_KINDS
 
 
 class MaskExecutor:
-    """A forward pre-hook that masks one layer's units of one kind; a removable handle.
+    """Forward pre-hooks that mask one layer's units of one kind; a removable handle.
+
+    Every projection reading the site gets the same masked input (q, k and v; gate and up).
 
     Args:
-        sparsifier: the owner; supplies ``enabled`` and the counts.
+        owner: supplies ``enabled``, the sparse tokens and the counts.
         architecture: the resolved model.
         kind: the unit kind.
         layer: decoder layer index.
@@ -26,30 +30,45 @@ class MaskExecutor:
 
     def __init__(
         self,
-        sparsifier: Owner,
+        owner: Owner,
         architecture: ResolvedArchitecture,
         kind: str,
         layer: int,
         selector: Selector,
     ) -> None:
-        self.sparsifier, self.kind, self.layer, self.selector = sparsifier, kind, layer, selector
+        self.owner, self.kind, self.layer, self.selector = owner, kind, layer, selector
         self.units = architecture.units(kind)
         self.width = architecture.unit_width(kind)
-        module = architecture.out_modules(kind)[layer]
-        self._handle = module.register_forward_pre_hook(self._hook)
+        modules = architecture.site_modules(UNIT_KINDS[kind].site, layer)
+        self._last: tuple[Tensor, Tensor] | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(first=index == 0))
+            for index, module in enumerate(modules)
+        ]
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._last = None
 
-    def _hook(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.sparsifier.enabled:
-            return None
-        x: Tensor = args[0]
-        view = x.reshape(-1, self.units, self.width)
-        keep = self.selector.keep(self.layer, view)
-        tokens = view.shape[0]
-        kept = keep.sum() * (tokens if keep.dim() == 1 else 1)
-        seen = tokens * self.units
-        self.sparsifier.count(self.kind, zeroed=seen - kept, seen=seen)
-        masked = view * keep.unsqueeze(-1).to(x.dtype)
-        return (masked.reshape(x.shape), *args[1:])
+    def _hook(self, first: bool):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not self.owner.enabled:
+                return None
+            x: Tensor = args[0]
+            eager = not torch.compiler.is_compiling()
+            if eager and not first and self._last is not None and self._last[0] is x:
+                return (self._last[1], *args[1:])  # the mask the first projection computed
+            rows = self.owner.sparse_rows(x)
+            if rows is False:
+                return None
+            view = x.reshape(-1, self.units, self.width)
+            keep, zeroed, seen = restrict(self.selector.keep(self.layer, view), rows, len(view))
+            if first:
+                self.owner.count(self.kind, zeroed=zeroed, seen=seen)
+            masked = (view * keep.unsqueeze(-1).to(x.dtype)).reshape(x.shape)
+            if eager:
+                self._last = (x, masked)
+            return (masked, *args[1:])
+
+        return hook

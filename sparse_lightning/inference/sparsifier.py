@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -35,10 +35,17 @@ from sparse_lightning.attribution.capture import CapturedUnits
 from sparse_lightning.inference.executor import Executor
 from sparse_lightning.inference.gate import GateExecutor
 from sparse_lightning.inference.mask import MaskExecutor
+from sparse_lightning.inference.skip import threshold_executor
 from sparse_lightning.selection import Selector, StaticSelector, prepare_oracles
+from sparse_lightning.selection.modes import PHASES
 
 #: What a selector decides from (``Selector.reads``) -> the executor that applies it.
-EXECUTORS: dict[str, type] = {"units": MaskExecutor, "gate": GateExecutor}
+EXECUTORS: dict[str, Callable[..., Executor]] = {
+    "units": MaskExecutor,
+    "gate": GateExecutor,
+    "threshold": threshold_executor,
+}
+
 
 #: model -> the object that owns it (a wrapper), and model -> the sparsity installed on it. One
 #: model carries at most one installation, whoever made it.
@@ -78,6 +85,10 @@ class Sparsifier:
         architecture: its resolution.
         selectors: unit kind -> selector; kinds left out stay dense.
         owner: the wrapper installing it (see :func:`claim`); the sparsifier itself by default.
+        phase: ``"decode"`` (default): forwards of several tokens per sequence (a prompt, no
+            past) run dense and single-token decode steps sparse, as the paper and TEAL do;
+            inside :meth:`sparse_positions` exactly the given positions are sparse (teacher
+            forcing emulates decoding). ``"all"``: every token of every forward is sparse.
 
     Attributes:
         enabled: ``False`` runs the model dense (see :meth:`paused`).
@@ -91,15 +102,27 @@ class Sparsifier:
         architecture: ResolvedArchitecture,
         selectors: Mapping[str, Selector],
         owner: object | None = None,
+        phase: str = "decode",
     ) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
         self.owner = self if owner is None else owner
         claim(model, self.owner)
         self.model = model
         self.architecture = architecture
         self.selectors = dict(selectors)
+        self.phase = phase
         self.enabled = True
         self.gather = True
         self.counts: dict[str, Tensor | None] = dict.fromkeys(self.selectors)
+        self._positions: Tensor | None = None
+        # Tokens per sequence of the layer running now, for sites whose input has lost the
+        # sequence dimension (OPT flattens batch and sequence before its MLP).
+        self._sequence = 0
+        self._handles = [
+            layer.register_forward_pre_hook(self._note_sequence, with_kwargs=True)
+            for layer in architecture.layers
+        ]
         self.executors: list[Executor] = [
             EXECUTORS[selector.reads](self, architecture, kind, layer, selector)
             for kind, selector in self.selectors.items()
@@ -117,6 +140,9 @@ class Sparsifier:
         for executor in self.executors:
             executor.remove()
         self.executors.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         if self.installed:
             del _INSTALLED[self.model]
 
@@ -128,6 +154,35 @@ class Sparsifier:
             yield
         finally:
             self.enabled = previous
+
+    # -------------------------------------------------------------------- which tokens
+    def sparse_rows(self, x: Tensor) -> bool | Tensor:
+        """Which tokens of a site input ``x`` are sparse (see ``phase``)."""
+        if self.phase == "all":
+            return True
+        tokens = x.numel() // x.shape[-1]
+        if self._positions is not None and self._positions.numel() == tokens:
+            return self._positions
+        per_sequence = x.shape[-2] if x.dim() >= 3 else self._sequence
+        return per_sequence == 1
+
+    @contextmanager
+    def sparse_positions(self, mask: Tensor) -> Iterator[None]:
+        """Inside, forwards of ``mask``'s shape are sparse exactly where ``mask`` is true.
+
+        Teacher forcing of a prompt and its answer emulates decoding with it: the answer's
+        tokens (``labels != -100``) are the ones a decode step would have run sparse.
+        """
+        previous, self._positions = self._positions, mask.reshape(-1).bool()
+        try:
+            yield
+        finally:
+            self._positions = previous
+
+    def _note_sequence(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, Tensor) and hidden.dim() >= 3:
+            self._sequence = hidden.shape[-2]
 
     # --------------------------------------------------------------------- per-batch masks
     @property

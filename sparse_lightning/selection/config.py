@@ -5,7 +5,7 @@ Example:
     >>> config = SparsityConfig(mlp=0.5, mode="magnitude")
     >>> config.mlp, config.heads, config.is_dense
     (0.5, 0.0, False)
-    >>> dict(SparsityConfig.uniform(0.3).levels)
+    >>> {k: v for k, v in SparsityConfig.uniform(0.3).levels.items() if v}
     {'mlp': 0.3, 'heads': 0.3}
 """
 
@@ -19,9 +19,14 @@ from typing import Any
 from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.attribution.functional import check_metric
 from sparse_lightning.attribution.statistics import Statistics
-from sparse_lightning.selection.modes import MODES, SelectionRequest, check_mode
+from sparse_lightning.selection.modes import MODES, PHASES, SelectionRequest, check_mode
 from sparse_lightning.selection.selectors import Selector
-from sparse_lightning.units import UNIT_KINDS, check_kinds, kind_names
+from sparse_lightning.units import (
+    UNIT_KINDS,
+    check_kinds,
+    kind_names,
+    uniform_kinds,
+)
 
 
 def check_level(name: str, value: object) -> float:
@@ -57,6 +62,9 @@ class SparsityConfig:
         mode: a selection mode (see :data:`~sparse_lightning.selection.modes.MODES`):
             ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or ``"gate"``.
         metric: calibrated metric ranking units for ``static`` and ``oracle``.
+        phase: ``"decode"`` (default): a prompt's forward runs dense and decode steps sparse,
+            as in the paper and TEAL (teacher forcing makes the answer's tokens sparse);
+            ``"all"``: every token of every forward.
         **per_kind: levels as keywords (``mlp=0.5, heads=0.25``), merged into ``levels``.
 
     Raises:
@@ -64,7 +72,7 @@ class SparsityConfig:
             unknown mode or metric.
     """
 
-    __slots__ = ("levels", "metric", "mode")
+    __slots__ = ("levels", "metric", "mode", "phase")
 
     def __init__(
         self,
@@ -72,6 +80,7 @@ class SparsityConfig:
         *,
         mode: str = "dynamic",
         metric: str = "corrected_gxo",
+        phase: str = "decode",
         **per_kind: float,
     ) -> None:
         given = {**dict(levels or {}), **per_kind}
@@ -82,11 +91,14 @@ class SparsityConfig:
         object.__setattr__(self, "levels", MappingProxyType(checked))
         object.__setattr__(self, "mode", check_mode(mode))
         object.__setattr__(self, "metric", check_metric(metric))
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
+        object.__setattr__(self, "phase", phase)
 
     @classmethod
     def uniform(cls, sparsity: float, **options: Any) -> SparsityConfig:
-        """The same level for every unit kind."""
-        return cls(dict.fromkeys(UNIT_KINDS, sparsity), **options)
+        """The same level for every kind a bare level applies to (the paper's units)."""
+        return cls(dict.fromkeys(uniform_kinds(), sparsity), **options)
 
     @classmethod
     def from_arguments(
@@ -95,15 +107,17 @@ class SparsityConfig:
         *,
         mode: str | None = None,
         metric: str | None = None,
+        phase: str | None = None,
         **levels: float,
     ) -> SparsityConfig:
-        """The config of ``set_sparsity(sparsity, mode=..., metric=..., **levels)``.
+        """The config of ``set_sparsity(sparsity, mode=..., metric=..., phase=..., **levels)``.
 
-        ``sparsity`` is the level of every kind not named in ``levels`` (0 when omitted), or
-        a whole config, which then comes alone. A level given as ``None`` counts as not named.
+        ``sparsity`` is the level of every uniform kind (``UnitKind.uniform``: MLP neurons and
+        heads) not named in ``levels`` (0 when omitted), or a whole config, which then comes
+        alone. A level given as ``None`` counts as not named.
         """
         if isinstance(sparsity, SparsityConfig):
-            if levels or mode is not None or metric is not None:
+            if levels or mode is not None or metric is not None or phase is not None:
                 raise TypeError(
                     "Pass either a SparsityConfig or levels/mode/metric, not both; change a "
                     "config with config.replace(mlp=..., mode=...)."
@@ -111,8 +125,12 @@ class SparsityConfig:
             return sparsity
         base = 0.0 if sparsity is None else check_level("sparsity", sparsity)
         named = {kind: level for kind, level in levels.items() if level is not None}
-        options = {"mode": mode or "dynamic", "metric": metric or "corrected_gxo"}
-        return cls({**dict.fromkeys(UNIT_KINDS, base), **named}, **options)
+        options = {
+            "mode": mode or "dynamic",
+            "metric": metric or "corrected_gxo",
+            "phase": phase or "decode",
+        }
+        return cls({**dict.fromkeys(uniform_kinds(), base), **named}, **options)
 
     def __getattr__(self, name: str) -> float:
         # ``config.mlp``, ``config.heads``: one attribute per row of the unit table.
@@ -131,9 +149,8 @@ class SparsityConfig:
 
     def __repr__(self) -> str:
         levels = ", ".join(f"{k}={v}" for k, v in self.levels.items() if v)
-        return f"SparsityConfig({levels}{', ' if levels else ''}mode={self.mode!r}, " + (
-            f"metric={self.metric!r})"
-        )
+        options = f"mode={self.mode!r}, metric={self.metric!r}, phase={self.phase!r}"
+        return f"SparsityConfig({levels}{', ' if levels else ''}{options})"
 
     def __reduce__(self) -> tuple:
         return (_rebuild, (self.as_dict(),))
@@ -147,8 +164,8 @@ class SparsityConfig:
         return _rebuild({**self.as_dict(), **changes})
 
     def as_dict(self) -> dict[str, Any]:
-        """Every kind's level, then ``mode`` and ``metric`` (one flat row for tables)."""
-        return {**self.levels, "mode": self.mode, "metric": self.metric}
+        """Every kind's level, then ``mode``, ``metric`` and ``phase`` (one row for tables)."""
+        return {**self.levels, "mode": self.mode, "metric": self.metric, "phase": self.phase}
 
 
 def build_selectors(
@@ -165,4 +182,5 @@ def build_selectors(
 
 def _rebuild(row: Mapping[str, Any]) -> SparsityConfig:
     row = dict(row)
-    return SparsityConfig(mode=row.pop("mode"), metric=row.pop("metric"), **row)
+    options = {key: row.pop(key) for key in ("mode", "metric", "phase") if key in row}
+    return SparsityConfig(**options, **row)

@@ -111,6 +111,10 @@ MODES: dict[str, SelectionMode] = {
 }
 
 
+#: Which tokens a setting makes sparse: decode steps only (the default), or every token.
+PHASES = ("decode", "all")
+
+
 def check_mode(mode: str) -> str:
     """``mode`` if it is in :data:`MODES`, else a ``ValueError`` listing them."""
     if mode not in MODES:

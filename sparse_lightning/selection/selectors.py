@@ -96,12 +96,21 @@ class GateSelector(MagnitudeSelector):
 class DynamicSelector(Selector):
     """Per-token comparison with per-layer magnitude thresholds from calibration.
 
+    A threshold is known before the units are: an input-sparse kernel applies it while it
+    reads the weights (``reads = "threshold"``, see :mod:`~sparse_lightning.inference.skip`).
+
     Args:
         thresholds: ``(layers,)``, a unit is kept when ``||a|| >= thresholds[layer]``.
     """
 
+    reads = "threshold"
+
     def __init__(self, thresholds: Tensor) -> None:
         self.thresholds = thresholds
+
+    def threshold(self, layer: int) -> float:
+        """Layer ``layer``'s threshold, as the float32 value :meth:`keep` compares with."""
+        return float(self.thresholds[layer])
 
     @classmethod
     def from_statistics(cls, stats: UnitStatistics, sparsity: float) -> DynamicSelector:

@@ -1,0 +1,252 @@
+"""The input-sparse kernel and its executor, against hand computations and masked references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ARCH_TYPES, calibrate, loader_of, tiny_model, token_pairs
+
+from sparse_lightning import SparseActivationModule, resolve
+from sparse_lightning.inference import Sparsifier
+from sparse_lightning.kernels import compiled, load, reference
+from sparse_lightning.selection import DynamicSelector
+from sparse_lightning.units import UNIT_KINDS
+
+#: Kinds whose units are input channels of linear layers (the kernel's kinds).
+CHANNELS = tuple(name for name, kind in UNIT_KINDS.items() if not kind.per_head)
+PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
+
+
+def by_hand(x: torch.Tensor, weight_t: torch.Tensor, t: float, bias) -> torch.Tensor:
+    """One output row at a time: the sum over kept channels of x_i times row i."""
+    rows = []
+    for token in x.reshape(-1, x.shape[-1]).double():
+        y = torch.zeros(weight_t.shape[1], dtype=torch.float64)
+        for i, value in enumerate(token.tolist()):
+            if abs(value) >= t:
+                y += value * weight_t[i].double()
+        rows.append(y if bias is None else y + bias.double())
+    return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+# --------------------------------------------------------------------------- the op itself
+def test_the_kernel_is_compiled_here():
+    assert compiled(), "g++ and ninja are on every machine of this project (ENVIRONMENT.md)"
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 200), (96, 1000), (33, 17)])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.5, 10.0])
+def test_kernel_equals_a_hand_computation(shape, threshold):
+    g = torch.Generator().manual_seed(sum(shape))
+    weight_t = torch.randn(*shape, generator=g)
+    bias = torch.randn(shape[1], generator=g)
+    for x in (torch.randn(1, shape[0], generator=g), torch.randn(2, 3, shape[0], generator=g)):
+        for b in (None, bias):
+            got = load()(x, weight_t, threshold, b)
+            expected = by_hand(x, weight_t, threshold, b)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_reads_a_strided_weight_and_other_dtypes_like_the_reference():
+    g = torch.Generator().manual_seed(0)
+    weight_t = torch.randn(40, 30, generator=g)[:, ::2]  # rows not contiguous: ATen path
+    x = torch.randn(1, 40, generator=g)
+    torch.testing.assert_close(load()(x, weight_t, 0.7, None), reference(x, weight_t, 0.7, None))
+    x64, w64 = x.double(), weight_t.double().contiguous()
+    torch.testing.assert_close(load()(x64, w64, 0.7, None), by_hand(x64, w64, 0.7, None))
+
+
+def test_opcheck_passes():
+    g = torch.Generator().manual_seed(1)
+    op = torch.ops.sparse_lightning.input_sparse_linear
+    load()
+    cases = [
+        (torch.randn(1, 24, generator=g), torch.randn(24, 40, generator=g), 0.6, None),
+        (
+            torch.randn(3, 5, 24, generator=g),
+            torch.randn(24, 40, generator=g),
+            0.2,
+            torch.randn(40, generator=g),
+        ),
+    ]
+    for args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
+    """A fresh extension folder and a compiler that does not exist: the build fails, one
+    warning names the cause and the fix, and decode gives the masked reference's outputs."""
+    script = textwrap.dedent(
+        """
+        import warnings, torch
+        from conftest import tiny_model
+        from sparse_lightning.inference import Sparsifier
+        from sparse_lightning.kernels import compiled, load, reference
+        from sparse_lightning.selection import DynamicSelector
+        from sparse_lightning import resolve
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not compiled()
+            load(); load()
+        messages = [str(w.message) for w in caught if "kernel" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "pure-PyTorch" in messages[0] and "ninja" in messages[0], messages[0]
+        x, w = torch.randn(1, 16), torch.randn(16, 8)
+        assert torch.equal(load()(x, w, 0.5, None), reference(x, w, 0.5, None))
+        model = tiny_model("llama")
+        arch = resolve(model)
+        Sparsifier(model, arch, {"mlp_input": DynamicSelector(torch.full((2,), 0.5))})
+        with torch.no_grad():
+            out = model(torch.tensor([[5, 9]]), use_cache=True)
+            model(torch.tensor([[3]]), past_key_values=out.past_key_values)
+        print("ok")
+        """
+    )
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-compiler"),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+        "PYTHONPATH": os.path.dirname(__file__),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------- executors on every family
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kernel-checkpoints")
+    return {
+        model_type: calibrate(
+            tiny_model(model_type), loader_of(token_pairs(6)), run_name=model_type, dirpath=folder
+        )[2].checkpoint_path
+        for model_type in ARCH_TYPES
+    }
+
+
+def decode(model, steps: int = 5) -> torch.Tensor:
+    """Greedy batch-1 decode with a KV cache: the prompt in one forward, then one token a step."""
+    with torch.no_grad():
+        out = model(PROMPT, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def masked_reference(model_type: str, kind: str, thresholds: torch.Tensor) -> torch.Tensor:
+    """A plain model whose own pre-hooks zero, on decode steps only, the channels of ``kind``
+    below each layer's threshold, at every projection that reads them (no sparse_lightning
+    executor involved)."""
+    model = tiny_model(model_type)
+    arch = resolve(model)
+
+    def hook(layer):
+        def mask(module, args):
+            x = args[0]
+            if x.numel() != x.shape[-1]:  # the prompt: dense
+                return None
+            return (x * (x.abs() >= thresholds[layer]).to(x.dtype),)
+
+        return mask
+
+    for layer in range(arch.num_layers):
+        for module in arch.site_modules(UNIT_KINDS[kind].site, layer):
+            module.register_forward_pre_hook(hook(layer))
+    return decode(model)
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9])
+@pytest.mark.parametrize("kind", CHANNELS)
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_kernel_decode_equals_the_masked_reference(model_type, kind, level, checkpoints):
+    module = SparseActivationModule.from_pretrained(
+        tiny_model(model_type), checkpoints[model_type], **{kind: level}
+    )
+    thresholds = module.sparsifier.selectors[kind].thresholds
+    kernel = decode(module.model)
+    realized = module.realized_sparsity()[UNIT_KINDS[kind].ratio_key]
+    torch.testing.assert_close(
+        kernel, masked_reference(model_type, kind, thresholds), rtol=1e-5, atol=1e-6
+    )
+    assert realized > 0.0  # the decode steps really dropped channels
+    assert level > 0.5 or realized < 1.0  # and at 50% kept some
+    module.sparsifier.gather = False  # the executor's own masked path agrees too
+    torch.testing.assert_close(decode(module.model), kernel, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CHANNELS)
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_kernel_at_sparsity_zero_equals_the_plain_model(model_type, kind):
+    model = tiny_model(model_type)
+    arch = resolve(model)
+    zero = DynamicSelector(torch.zeros(arch.num_layers))  # threshold 0 keeps every channel
+    sparsifier = Sparsifier(model, arch, {kind: zero})
+    got = decode(model)
+    assert sparsifier.realized()[kind] == 0.0 and sparsifier.counts[kind] is not None
+    torch.testing.assert_close(got, decode(tiny_model(model_type)), rtol=1e-5, atol=1e-6)
+    sparsifier.remove()
+    assert torch.equal(decode(model), decode(tiny_model(model_type)))  # layout restored
+
+
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_prompt_forwards_stay_dense_in_the_decode_phase(model_type, checkpoints):
+    """A prompt runs dense, through the transposed weights. From 16 tokens on, MKL's GEMM packs
+    the weight whatever its layout and the logits are the plain model's bit for bit; shorter
+    prompts take its small-matrix path, whose summation order follows the layout."""
+    levels = {"attn_input": 0.5, "mlp_input": 0.5, "head_features": 0.5, "mlp": 0.5}
+    module = SparseActivationModule.from_pretrained(
+        tiny_model(model_type), checkpoints[model_type], **levels
+    )
+    g = torch.Generator().manual_seed(4)
+    for length, exact in ((24, True), (64, True), (6, False)):
+        ids = torch.randint(3, 99, (2, length), generator=g)
+        with torch.no_grad():
+            prefill = module.model(ids).logits
+            plain = tiny_model(model_type)(ids).logits
+        if exact:
+            assert torch.equal(prefill, plain), length
+        else:
+            torch.testing.assert_close(prefill, plain, rtol=1e-5, atol=1e-6)
+    assert module.realized_sparsity()["mlp_zero_ratio"] == 0.0  # nothing was sparse
+
+
+def test_a_compiled_decode_step_has_no_graph_break_and_matches_eager():
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    arch = resolve(model)
+    selectors = {k: DynamicSelector(torch.full((2,), 0.3)) for k in ("attn_input", "mlp")}
+    sparsifier = Sparsifier(model, arch, selectors)
+    model.set_attn_implementation("eager")
+    where = torch.tensor([3])
+
+    def step(forward):
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with torch.no_grad():
+            out = model(
+                input_ids=PROMPT[:, :3], past_key_values=cache, cache_position=torch.arange(3)
+            )
+            token = out.logits[:, -1:].argmax(-1)
+            return forward(
+                input_ids=token,
+                past_key_values=cache,
+                cache_position=where,
+                position_ids=where[None],
+            ).logits
+
+    eager = step(model.forward)
+    sparsifier.reset_counts()
+    # fullgraph: a graph break (the op, the executors, the tallies) would be an error.
+    compiled_step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(step(compiled_step), eager, rtol=1e-5, atol=1e-6)
+    assert 0.0 < sparsifier.realized()["attn_input"] < 1.0
