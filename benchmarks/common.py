@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,12 +25,22 @@ STATIC_CHECKPOINT = (
 STATIC_ROWS = range(400, 432)
 
 
-def calibrated_checkpoint(model, tokenizer, rows: range, path: Path, batch_size: int = 8) -> Path:
-    """``path`` if it holds a readable checkpoint, else calibrate on TruthfulQA ``rows`` there.
+def calibrated_checkpoint(
+    model,
+    tokenizer,
+    rows: range,
+    path: Path,
+    batch_size: int = 8,
+    allocations: tuple[str, ...] = (),
+) -> Path:
+    """``path`` if it holds a readable checkpoint (with ``allocations``), else calibrate on
+    TruthfulQA ``rows`` there.
 
-    Dense greedy answers (32 tokens), MLP neurons and heads, no IG: the library's defaults.
+    Dense greedy answers (32 tokens), every unit kind, no IG: the library's defaults; plus the
+    measured allocation tables asked for.
     """
     import lightning as L
+    from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
     from sparse_lightning import (
@@ -42,7 +53,8 @@ def calibrated_checkpoint(model, tokenizer, rows: range, path: Path, batch_size:
 
     try:
         read_metadata(path)
-        return path
+        if all(f"allocation.{m}.levels" in load_file(str(path)) for m in allocations):
+            return path
     except CheckpointError:
         pass
     print(f"calibrating on TruthfulQA rows {rows.start}-{rows.stop - 1} -> {path}")
@@ -53,6 +65,7 @@ def calibrated_checkpoint(model, tokenizer, rows: range, path: Path, batch_size:
         run_name=path.stem,
         dirpath=path.parent,
         dataset=f"TruthfulQA rows {rows.start}-{rows.stop - 1}",
+        allocations=allocations,
     )
     L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
     return path
@@ -74,7 +87,7 @@ def linear_macs(model: torch.nn.Module) -> int:
     from sparse_lightning import resolve
     from sparse_lightning.inference import linear_macs_per_token
 
-    return linear_macs_per_token(model, resolve(model))["total"]
+    return linear_macs_per_token(resolve(model))["total"]
 
 
 def greedy_decode(
@@ -138,7 +151,7 @@ def tuned_decode(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], t
     from transformers import StaticCache
 
     model.set_attn_implementation("eager")
-    step = torch.compile(model.forward, dynamic=False)
+    step = torch.compile(own_forward(model), dynamic=False)
     length = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
     warm = False
@@ -172,6 +185,27 @@ def tuned_decode(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], t
         return torch.cat(tokens, dim=1)
 
     return run
+
+
+def own_forward(model) -> Callable:
+    """``model.forward`` through a code object of its own.
+
+    Dynamo keeps compiled entries per code object, so two models of one class (a dense one and
+    a sparse one, or two compacted ones of equal shapes) would share entries; with guards
+    skipped once warm, one could run the other's frozen weights. A copied code object gives
+    each model its own cache.
+    """
+    forward = model.forward.__func__
+    own = types.FunctionType(
+        forward.__code__.replace(),
+        forward.__globals__,
+        forward.__name__,
+        forward.__defaults__,
+        forward.__closure__,
+    )
+    own.__kwdefaults__ = forward.__kwdefaults__
+    own.__dict__.update(forward.__dict__)  # __wrapped__ and the like, for signatures
+    return types.MethodType(own, model)
 
 
 def paired_ratio(

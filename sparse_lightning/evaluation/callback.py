@@ -30,7 +30,11 @@ from sparse_lightning.selection import SparsityConfig
 from sparse_lightning.units import UNIT_KINDS
 
 #: Realized-sparsity keys averaged into every result row (as ``realized_<key>``).
-REALIZED_KEYS = (*(kind.ratio_key for kind in UNIT_KINDS.values()), "paper_sparsity")
+REALIZED_KEYS = (
+    *(kind.ratio_key for kind in UNIT_KINDS.values()),
+    "paper_sparsity",
+    "decode_bytes_skipped",
+)
 
 
 class QAEvaluation(L.Callback):

@@ -9,47 +9,46 @@ Example:
     >>> model = AutoModelForCausalLM.from_config(LlamaConfig(
     ...     vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
     ...     num_attention_heads=4, num_key_value_heads=2))
-    >>> macs = linear_macs_per_token(model, resolve(model))
+    >>> macs = linear_macs_per_token(resolve(model))
     >>> macs["total"], macs["mlp"], macs["heads"]
-    (16064, 96, 512)
+    (16416, 96, 512)
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from sparse_lightning.architectures import ResolvedArchitecture
-from sparse_lightning.architectures.weights import in_features, out_features
-from sparse_lightning.units import SITES, UNIT_KINDS
+from sparse_lightning.units import UNIT_KINDS
 
 
-def linear_macs_per_token(model: nn.Module, architecture: ResolvedArchitecture) -> dict[str, int]:
+def linear_macs_per_token(architecture: ResolvedArchitecture) -> dict[str, int]:
     """Multiply-adds per token of every linear layer (``"total"``, lm_head included), and
     what one unit of each kind accounts for (``UnitKind.macs``), keyed by kind."""
-    per_layer = 0
-    for layer in range(architecture.num_layers):
-        for site in SITES:
-            for module in architecture.site_modules(site, layer):
-                per_layer += in_features(module) * out_features(module)
-    head = model.get_output_embeddings()
-    lm_head = head.weight.numel() if head is not None else 0
-    out = {"total": per_layer + lm_head}
+    out = {"total": architecture.linear_macs()}
     out.update({name: kind.macs(architecture) for name, kind in UNIT_KINDS.items()})
     return out
 
 
+def decode_bytes_skipped(realized: dict[str, float], architecture: ResolvedArchitecture) -> float:
+    """The share of the weight bytes streamed per decode token that input-sparse execution
+    skips: a dropped channel's weights in every projection that reads it (heads and neurons:
+    their columns of o and down, not the rows of the projections that made them)."""
+    skipped = sum(
+        ratio * architecture.site_macs(UNIT_KINDS[kind].site) for kind, ratio in realized.items()
+    )
+    return architecture.num_layers * skipped / architecture.linear_macs()
+
+
 def sparsity_report(
-    realized: dict[str, float], model: nn.Module, architecture: ResolvedArchitecture
+    realized: dict[str, float], architecture: ResolvedArchitecture
 ) -> dict[str, float]:
-    """Per-kind zero ratios, the paper's sparsity figure, and the share of linear-layer MACs
-    that the zeroed units account for.
+    """Per-kind zero ratios, the paper's sparsity figure, the share of linear-layer MACs that
+    the zeroed units account for, and the share of decode bytes skipped (with its bound).
 
     Args:
         realized: unit kind -> fraction of unit-tokens zeroed (kinds left out: 0).
-        model: the model (its lm_head counts in the total).
-        architecture: its resolution.
+        architecture: the resolved model (its output projection counts in the total).
     """
-    macs = linear_macs_per_token(model, architecture)
+    macs = linear_macs_per_token(architecture)
     report: dict[str, float] = {}
     paper = skipped = 0.0
     for name, kind in UNIT_KINDS.items():
@@ -59,4 +58,6 @@ def sparsity_report(
         skipped += ratio * architecture.units(name) * macs[name]
     report["paper_sparsity"] = paper
     report["linear_macs_skippable"] = architecture.num_layers * skipped / macs["total"]
+    report["decode_bytes_skipped"] = decode_bytes_skipped(realized, architecture)
+    report["decode_byte_bound"] = 1.0 / (1.0 - report["decode_bytes_skipped"])
     return report

@@ -13,7 +13,8 @@ Example:
     >>> model = AutoModelForCausalLM.from_config(LlamaConfig(
     ...     vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
     ...     num_attention_heads=4, num_key_value_heads=2))
-    >>> sparsifier = Sparsifier(model, resolve(model), {"mlp": MagnitudeSelector(0.5, 37)})
+    >>> sparsifier = Sparsifier(
+    ...     model, resolve(model), {"mlp": MagnitudeSelector(0.5, 37)}, phase="all")
     >>> _ = model(torch.tensor([[1, 2, 3]]))
     >>> round(sparsifier.realized()["mlp"], 3)  # 18 of 37 neurons zeroed per token
     0.486

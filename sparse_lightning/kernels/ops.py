@@ -15,8 +15,8 @@ Example:
     >>> op = load()
     >>> x = torch.tensor([[0.5, -0.01, 2.0]])
     >>> w_t = torch.arange(6.0).reshape(3, 2)  # 3 input channels, 2 outputs
-    >>> op(x, w_t, 0.1, None)  # channel 1 is below the threshold: its row is skipped
-    tensor([[10., 12.]])
+    >>> op(x, w_t, 0.1, None)  # 0.5 * [0, 1] + 2.0 * [4, 5]; channel 1's row is skipped
+    tensor([[ 8.0000, 10.5000]])
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -19,12 +20,19 @@ from typing import Any
 from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.attribution.functional import check_metric
 from sparse_lightning.attribution.statistics import Statistics
+from sparse_lightning.selection.allocation import (
+    ALLOCATIONS,
+    CHANNEL_KINDS,
+    allocate,
+    check_budget,
+)
 from sparse_lightning.selection.modes import MODES, PHASES, SelectionRequest, check_mode
-from sparse_lightning.selection.selectors import Selector
+from sparse_lightning.selection.selectors import DynamicSelector, Selector
 from sparse_lightning.units import (
     UNIT_KINDS,
     check_kinds,
     kind_names,
+    shared_sites,
     uniform_kinds,
 )
 
@@ -65,6 +73,11 @@ class SparsityConfig:
         phase: ``"decode"`` (default): a prompt's forward runs dense and decode steps sparse,
             as in the paper and TEAL (teacher forcing makes the answer's tokens sparse);
             ``"all"``: every token of every forward.
+        budget: instead of levels for the channel kinds, the share of the weight bytes
+            streamed per decode token to skip, spread over kinds and layers by
+            ``allocation`` (see :mod:`~sparse_lightning.selection.allocation`); needs
+            ``mode="dynamic"``.
+        allocation: ``"uniform"`` (default), ``"greedy"`` (TEAL) or ``"attribution"``.
         **per_kind: levels as keywords (``mlp=0.5, heads=0.25``), merged into ``levels``.
 
     Raises:
@@ -72,7 +85,7 @@ class SparsityConfig:
             unknown mode or metric.
     """
 
-    __slots__ = ("levels", "metric", "mode", "phase")
+    __slots__ = ("allocation", "budget", "levels", "metric", "mode", "phase")
 
     def __init__(
         self,
@@ -81,6 +94,8 @@ class SparsityConfig:
         mode: str = "dynamic",
         metric: str = "corrected_gxo",
         phase: str = "decode",
+        budget: float | None = None,
+        allocation: str = "uniform",
         **per_kind: float,
     ) -> None:
         given = {**dict(levels or {}), **per_kind}
@@ -88,12 +103,36 @@ class SparsityConfig:
         checked = {
             kind: check_level(f"{kind} sparsity", given.get(kind, 0.0)) for kind in UNIT_KINDS
         }
+        clash = shared_sites(kind for kind, level in checked.items() if level > 0)
+        if clash:
+            site, names = next(iter(clash.items()))
+            raise ValueError(
+                f"{' and '.join(names)} both select at the input of the same projections "
+                f"({site}); give a level to one of them."
+            )
         object.__setattr__(self, "levels", MappingProxyType(checked))
         object.__setattr__(self, "mode", check_mode(mode))
         object.__setattr__(self, "metric", check_metric(metric))
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
         object.__setattr__(self, "phase", phase)
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+        if budget is not None:
+            budget = check_budget(budget)
+            named = [k for k in (*CHANNEL_KINDS, "heads") if checked.get(k)]
+            if named:
+                raise ValueError(
+                    f"A budget spreads over the channel kinds {CHANNEL_KINDS} itself; drop the "
+                    f"levels of {named}, or drop the budget."
+                )
+            if mode != "dynamic":
+                raise ValueError(
+                    f"A budget runs thresholds (mode='dynamic'), got mode={mode!r}; give levels "
+                    "per kind for other modes."
+                )
+        object.__setattr__(self, "budget", budget)
+        object.__setattr__(self, "allocation", allocation)
 
     @classmethod
     def uniform(cls, sparsity: float, **options: Any) -> SparsityConfig:
@@ -108,16 +147,19 @@ class SparsityConfig:
         mode: str | None = None,
         metric: str | None = None,
         phase: str | None = None,
+        budget: float | None = None,
+        allocation: str | None = None,
         **levels: float,
     ) -> SparsityConfig:
-        """The config of ``set_sparsity(sparsity, mode=..., metric=..., phase=..., **levels)``.
+        """The config of ``set_sparsity(sparsity, mode=..., ..., **levels)``.
 
         ``sparsity`` is the level of every uniform kind (``UnitKind.uniform``: MLP neurons and
         heads) not named in ``levels`` (0 when omitted), or a whole config, which then comes
         alone. A level given as ``None`` counts as not named.
         """
         if isinstance(sparsity, SparsityConfig):
-            if levels or mode is not None or metric is not None or phase is not None:
+            options = (mode, metric, phase, budget, allocation)
+            if levels or any(option is not None for option in options):
                 raise TypeError(
                     "Pass either a SparsityConfig or levels/mode/metric, not both; change a "
                     "config with config.replace(mlp=..., mode=...)."
@@ -129,6 +171,8 @@ class SparsityConfig:
             "mode": mode or "dynamic",
             "metric": metric or "corrected_gxo",
             "phase": phase or "decode",
+            "budget": budget,
+            "allocation": allocation or "uniform",
         }
         return cls({**dict.fromkeys(uniform_kinds(), base), **named}, **options)
 
@@ -150,6 +194,8 @@ class SparsityConfig:
     def __repr__(self) -> str:
         levels = ", ".join(f"{k}={v}" for k, v in self.levels.items() if v)
         options = f"mode={self.mode!r}, metric={self.metric!r}, phase={self.phase!r}"
+        if self.budget is not None:
+            options += f", budget={self.budget}, allocation={self.allocation!r}"
         return f"SparsityConfig({levels}{', ' if levels else ''}{options})"
 
     def __reduce__(self) -> tuple:
@@ -157,30 +203,47 @@ class SparsityConfig:
 
     @property
     def is_dense(self) -> bool:
-        return not any(self.levels.values())
+        return not any(self.levels.values()) and not self.budget
 
     def replace(self, **changes: Any) -> SparsityConfig:
         """A copy with some levels (as keywords), ``mode`` or ``metric`` changed."""
         return _rebuild({**self.as_dict(), **changes})
 
     def as_dict(self) -> dict[str, Any]:
-        """Every kind's level, then ``mode``, ``metric`` and ``phase`` (one row for tables)."""
-        return {**self.levels, "mode": self.mode, "metric": self.metric, "phase": self.phase}
+        """Every kind's level, then the options (one flat row for tables)."""
+        return {
+            **self.levels,
+            "mode": self.mode,
+            "metric": self.metric,
+            "phase": self.phase,
+            "budget": self.budget,
+            "allocation": self.allocation,
+        }
 
 
 def build_selectors(
     config: SparsityConfig, architecture: ResolvedArchitecture, statistics: Statistics | None
 ) -> dict[str, Selector]:
-    """One selector per unit kind with non-zero sparsity, as the config's mode builds them."""
+    """One selector per unit kind with non-zero sparsity, as the config's mode builds them;
+    with a budget, thresholds at the levels its allocation gives each kind and layer."""
     build = MODES[config.mode].build
-    return {
+    selectors = {
         kind: build(SelectionRequest(kind, level, config.metric, architecture, statistics))
         for kind, level in config.levels.items()
         if level > 0.0
     }
+    if config.budget:
+        levels = allocate(config.budget, config.allocation, architecture, statistics)
+        request = SelectionRequest(CHANNEL_KINDS[0], 0.0, config.metric, architecture, statistics)
+        for kind, per_layer in levels.items():
+            if float(per_layer.max()) > 0.0:
+                stats = dataclasses.replace(request, kind=kind).kind_statistics("dynamic")
+                selectors[kind] = DynamicSelector.from_statistics(stats, per_layer)
+    return selectors
 
 
 def _rebuild(row: Mapping[str, Any]) -> SparsityConfig:
     row = dict(row)
-    options = {key: row.pop(key) for key in ("mode", "metric", "phase") if key in row}
+    keys = ("mode", "metric", "phase", "budget", "allocation")
+    options = {key: row.pop(key) for key in keys if key in row}
     return SparsityConfig(**options, **row)

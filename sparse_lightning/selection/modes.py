@@ -45,6 +45,12 @@ class SelectionRequest:
                 f"mode={mode!r} reads calibrated statistics; load a checkpoint with "
                 "SparseActivationModule.from_pretrained(model, path) or use mode='magnitude'."
             )
+        if self.kind not in self.statistics.units:
+            raise ValueError(
+                f"This checkpoint has no statistics for {self.kind!r} (it measured "
+                f"{sorted(self.statistics.units)}: an older version, or units=... left it out). "
+                f"Recalibrate with every unit kind, or use mode='magnitude' for {self.kind!r}."
+            )
         return self.statistics[self.kind]
 
 

@@ -30,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -113,10 +115,14 @@ class DynamicSelector(Selector):
         return float(self.thresholds[layer])
 
     @classmethod
-    def from_statistics(cls, stats: UnitStatistics, sparsity: float) -> DynamicSelector:
-        """Thresholds at the ``sparsity`` quantile of each layer's calibrated magnitudes."""
+    def from_statistics(
+        cls, stats: UnitStatistics, sparsity: float | Sequence[float] | Tensor
+    ) -> DynamicSelector:
+        """Thresholds at the ``sparsity`` quantile of each layer's calibrated magnitudes
+        (one level for every layer, or one per layer)."""
+        levels = [float(sparsity)] * stats.num_layers if _scalar(sparsity) else list(sparsity)
         thresholds = [
-            stats.magnitude_threshold(layer, sparsity) for layer in range(stats.num_layers)
+            stats.magnitude_threshold(layer, float(level)) for layer, level in enumerate(levels)
         ]
         return cls(torch.tensor(thresholds, dtype=torch.float32))
 
@@ -150,3 +156,7 @@ class StaticSelector(Selector):
 
     def keep(self, layer: int, units: Tensor) -> Tensor:
         return self.masks[layer].to(units.device)
+
+
+def _scalar(value: object) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0)

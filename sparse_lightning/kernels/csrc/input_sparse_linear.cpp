@@ -3,13 +3,15 @@
 //
 // W_t is the weight stored transposed, (in_features, out_features) with rows contiguous, so
 // the weights of a dropped channel (one row) are never read. The threshold is applied here
-// (no index tensor is built by the caller). Threads split the output columns
-// (at::parallel_for); each thread streams the kept rows' segment of its columns and
-// accumulates into its slice of y, four rows at a time, with AVX2/FMA where compiled for it.
+// (no index tensor is built by the caller). Threads (at::parallel_for) split the output
+// columns of a wide projection, each streaming the kept rows' segment of its columns, or the
+// kept rows of a narrow one, each into its own partial sum; eight rows at a time, with
+// AVX2/FMA where compiled for it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -21,64 +23,157 @@
 
 namespace {
 
-// acc[0:n] += v0 * r0[0:n] + v1 * r1[0:n] + v2 * r2[0:n] + v3 * r3[0:n]
-inline void axpy4(float* acc, const float* r0, const float* r1, const float* r2,
-                  const float* r3, float v0, float v1, float v2, float v3, int64_t n) {
+// acc[0:n] += sum over j < R of v[j] * rows[j][0:n]: R rows streamed at once, so R memory
+// streams are in flight and acc is loaded and stored once per R rows.
+template <int R, typename T>
+inline void axpy(T* acc, const T* const* rows, const T* v, int64_t n) {
+  int64_t c = 0;
+  for (; c < n; ++c) {
+    T s = acc[c];
+    for (int j = 0; j < R; ++j) {
+      s += v[j] * rows[j][c];
+    }
+    acc[c] = s;
+  }
+}
+
+template <int R>
+inline void axpy(float* acc, const float* const* rows, const float* v, int64_t n) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 a0 = _mm256_set1_ps(v0), a1 = _mm256_set1_ps(v1);
-  const __m256 a2 = _mm256_set1_ps(v2), a3 = _mm256_set1_ps(v3);
+  __m256 a[R];
+  for (int j = 0; j < R; ++j) {
+    a[j] = _mm256_set1_ps(v[j]);
+  }
   for (; c + 16 <= n; c += 16) {
     __m256 s = _mm256_loadu_ps(acc + c);
     __m256 t = _mm256_loadu_ps(acc + c + 8);
-    s = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r0 + c), s);
-    t = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r0 + c + 8), t);
-    s = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r1 + c), s);
-    t = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r1 + c + 8), t);
-    s = _mm256_fmadd_ps(a2, _mm256_loadu_ps(r2 + c), s);
-    t = _mm256_fmadd_ps(a2, _mm256_loadu_ps(r2 + c + 8), t);
-    s = _mm256_fmadd_ps(a3, _mm256_loadu_ps(r3 + c), s);
-    t = _mm256_fmadd_ps(a3, _mm256_loadu_ps(r3 + c + 8), t);
+    for (int j = 0; j < R; ++j) {
+      s = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c), s);
+      t = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c + 8), t);
+    }
     _mm256_storeu_ps(acc + c, s);
     _mm256_storeu_ps(acc + c + 8, t);
   }
 #endif
   for (; c < n; ++c) {
-    acc[c] += v0 * r0[c] + v1 * r1[c] + v2 * r2[c] + v3 * r3[c];
+    float s = acc[c];
+    for (int j = 0; j < R; ++j) {
+      s += v[j] * rows[j][c];
+    }
+    acc[c] = s;
   }
 }
 
-inline void axpy1(float* acc, const float* r0, float v0, int64_t n) {
-  int64_t c = 0;
+// acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n].
+template <typename T>
+inline void accumulate(T* acc, const T* w, int64_t ld, const int64_t* index, const T* value,
+                       int64_t first, int64_t last, int64_t n) {
+  constexpr int R = 8;
+  const T* rows[R];
+  int64_t k = first;
+  for (; k + R <= last; k += R) {
+    for (int j = 0; j < R; ++j) {
+      rows[j] = w + index[k + j] * ld;
+    }
+    axpy<R>(acc, rows, value + k, n);
+  }
+  for (; k < last; ++k) {
+    rows[0] = w + index[k] * ld;
+    axpy<1>(acc, rows, value + k, n);
+  }
+}
+
+// The kept channels of one token: index[0:count] and their values, in channel order.
+template <typename T>
+inline int64_t kept_channels(const T* x, int64_t in, T t, int64_t* index, T* value) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < in; ++i) {
+    if (std::abs(x[i]) >= t) {
+      index[count] = i;
+      value[count++] = x[i];
+    }
+  }
+  return count;
+}
+
+template <>
+inline int64_t kept_channels(const float* x, int64_t in, float t, int64_t* index, float* value) {
+  int64_t count = 0, i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 a0 = _mm256_set1_ps(v0);
-  for (; c + 8 <= n; c += 8) {
-    _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(a0, _mm256_loadu_ps(r0 + c),
-                                              _mm256_loadu_ps(acc + c)));
+  const __m256 threshold = _mm256_set1_ps(t);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= in; i += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude);
+    int bits = _mm256_movemask_ps(_mm256_cmp_ps(v, threshold, _CMP_GE_OQ));
+    while (bits != 0) {
+      const int b = __builtin_ctz(bits);
+      index[count] = i + b;
+      value[count++] = x[i + b];
+      bits &= bits - 1;
+    }
   }
 #endif
-  for (; c < n; ++c) {
-    acc[c] += v0 * r0[c];
+  for (; i < in; ++i) {
+    if (std::abs(x[i]) >= t) {
+      index[count] = i;
+      value[count++] = x[i];
+    }
   }
+  return count;
 }
 
-// Columns per parallel task: a multiple of the vector width, small enough that two threads
-// share the narrowest projection.
+// Columns per parallel task: a multiple of the vector width.
 constexpr int64_t kGrain = 64;
+// Below this many output columns per thread, threads split the kept rows instead of the
+// columns: a column slice of a narrow output is too short to stream well (measured).
+constexpr int64_t kColumnsPerThread = 1024;
 
-// acc[0:n] = bias (or 0) + sum over the kept rows k of value[k] * w[index[k] * ld + 0:n].
-inline void accumulate_rows(float* acc, const float* bias, const float* w, int64_t ld,
-                            const int64_t* index, const float* value, int64_t kept, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    acc[c] = bias != nullptr ? bias[c] : 0.0f;
-  }
-  int64_t k = 0;
-  for (; k + 4 <= kept; k += 4) {
-    axpy4(acc, w + index[k] * ld, w + index[k + 1] * ld, w + index[k + 2] * ld,
-          w + index[k + 3] * ld, value[k], value[k + 1], value[k + 2], value[k + 3], n);
-  }
-  for (; k < kept; ++k) {
-    axpy1(acc, w + index[k] * ld, value[k], n);
+// The kernel proper, for float (AVX2/FMA) and double (a plain loop the compiler vectorizes):
+// double lets tests compare with a masked reference without float32's rounding flipping a
+// channel that sits at the threshold.
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold,
+         const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t in = weight_t.size(0), out = weight_t.size(1);
+  const auto xc = x.contiguous();
+  const auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const T* xp = xc.data_ptr<T>();
+  const T* wp = weight_t.data_ptr<T>();
+  const T* bp = bc.has_value() ? bc->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const int64_t ld = weight_t.stride(0);
+  const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
+  const int64_t threads = at::get_num_threads();
+  const bool split_rows = out < kColumnsPerThread * threads;
+  std::vector<int64_t> index(in);
+  std::vector<T> value(in);
+  std::vector<T> partial(split_rows ? threads * out : 0);
+  for (int64_t r = 0; r < tokens; ++r) {
+    const int64_t kept =
+        kept_channels<T>(xp + r * in, in, threshold, index.data(), value.data());
+    T* yr = yp + r * out;
+    if (!split_rows) {
+      at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          yr[c] = bp != nullptr ? bp[c] : T(0);
+        }
+        accumulate(yr + begin, wp + begin, ld, index.data(), value.data(), 0, kept, end - begin);
+      });
+      continue;
+    }
+    std::fill(partial.begin(), partial.end(), T(0));
+    at::parallel_for(0, kept, 8, [&](int64_t begin, int64_t end) {
+      T* acc = partial.data() + at::get_thread_num() * out;
+      accumulate(acc, wp, ld, index.data(), value.data(), begin, end, out);
+    });
+    for (int64_t c = 0; c < out; ++c) {
+      T sum = bp != nullptr ? bp[c] : T(0);
+      for (int64_t p = 0; p < threads; ++p) {
+        sum += partial[p * out + c];
+      }
+      yr[c] = sum;
+    }
   }
 }
 
@@ -93,45 +188,21 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t,
   }
   auto sizes = x.sizes().vec();
   sizes.back() = out;
-  const bool fast = x.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat &&
-                    weight_t.stride(1) == 1 && x.device().is_cpu() &&
-                    (!bias.has_value() || bias->scalar_type() == at::kFloat);
+  const auto dtype = x.scalar_type();
+  const bool fast = (dtype == at::kFloat || dtype == at::kDouble) &&
+                    weight_t.scalar_type() == dtype && weight_t.stride(1) == 1 &&
+                    x.device().is_cpu() && (!bias.has_value() || bias->scalar_type() == dtype);
   if (!fast) {
     // Other dtypes and layouts: the same math with ATen operators (reads every weight).
     auto kept = x * (x.abs() >= threshold).to(x.scalar_type());
     auto y = at::matmul(kept, weight_t);
     return bias.has_value() ? y + *bias : y;
   }
-  const auto xc = x.contiguous();
-  const auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   auto y = at::empty(sizes, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = weight_t.data_ptr<float>();
-  const float* bp = bc.has_value() ? bc->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  const int64_t ld = weight_t.stride(0);
-  const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
-  const float t = static_cast<float>(threshold);
-  std::vector<int64_t> index;
-  std::vector<float> value;
-  index.reserve(in);
-  value.reserve(in);
-  for (int64_t r = 0; r < tokens; ++r) {
-    const float* xr = xp + r * in;
-    index.clear();
-    value.clear();
-    for (int64_t i = 0; i < in; ++i) {
-      if (std::abs(xr[i]) >= t) {
-        index.push_back(i);
-        value.push_back(xr[i]);
-      }
-    }
-    const int64_t kept = static_cast<int64_t>(index.size());
-    float* yr = yp + r * out;
-    at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
-      accumulate_rows(yr + begin, bp != nullptr ? bp + begin : nullptr, wp + begin, ld,
-                      index.data(), value.data(), kept, end - begin);
-    });
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(x, weight_t, static_cast<float>(threshold), bias, y);
+  } else {
+    run<double>(x, weight_t, threshold, bias, y);
   }
   return y;
 }

@@ -1,0 +1,193 @@
+"""The input-sparse kernel against the tuned dense GEMV, on every projection shape of both models.
+
+For each projection group of SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct at batch-1
+decode (q|k|v and gate|up fused, as the tuned decode fuses them; o; down), with weights
+streamed from memory as in a decode step (enough copies of random float32 weights, each with
+its own input, to exceed the last-level cache several times over):
+
+* ``dense``: ``F.linear`` compiled with the tuned decode's Inductor options
+  (``benchmarks.common.CPU_DECODE_OPTIONS``: frozen weights, max-autotune CPP GEMM): the best
+  dense GEMV we have;
+* ``kernel 0%``: ``sparse_lightning::input_sparse_linear`` over the transposed weights with
+  threshold 0 (every channel kept), compiled the same way (an extern call per projection);
+* ``kernel 50%`` (and 25%, 75%): thresholds that keep exactly that share of each input's
+  channels.
+
+Both sides alternate within each repetition; each figure is the median of per-repetition ratios.
+Targets: kernel 0% at least as fast as dense; kernel 50% at >= 90% of the byte bound against
+the kernel's own 0% (bound = channels / kept channels).
+
+    python benchmarks/kernel_speed.py [--repeats 15] [--stream-mb 256]
+
+Prints a table and writes benchmarks/results/kernel_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import CPU_DECODE_OPTIONS, machine_info, paired_ratio, save_report  # noqa: E402
+from sparse_lightning.kernels import compiled, load  # noqa: E402
+
+#: (model, hidden, MLP width, query heads, KV heads, head_dim), from the models' configs.
+MODELS = (
+    ("SmolLM2-135M-Instruct", 576, 1536, 9, 3, 64),
+    ("Qwen2.5-Coder-0.5B-Instruct", 896, 4864, 14, 2, 64),
+)
+SKIPPED = (0.25, 0.5, 0.75)
+
+
+def projection_shapes(hidden: int, mlp: int, heads: int, kv: int, hd: int) -> dict:
+    """(in_features, out_features) of each projection group at decode, fused as in the
+    tuned decode (Inductor's concat-linear fuses q|k|v and gate|up)."""
+    return {
+        "q|k|v": (hidden, (heads + 2 * kv) * hd),
+        "gate|up": (hidden, 2 * mlp),
+        "o": (heads * hd, hidden),
+        "down": (mlp, hidden),
+    }
+
+
+class DenseProjections(nn.Module):
+    """``copies`` projections of one shape, each applied to its own input."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in weights)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [F.linear(x, w) for x, w in zip(xs, self.weights, strict=True)]
+
+
+class SparseProjections(nn.Module):
+    """The same projections through the input-sparse op, weights stored transposed."""
+
+    def __init__(self, weights: list[torch.Tensor], threshold: float) -> None:
+        super().__init__()
+        self.weights_t = [w.t().contiguous() for w in weights]
+        self.threshold = threshold
+        self.op = load()
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            self.op(x, w, self.threshold, None) for x, w in zip(xs, self.weights_t, strict=True)
+        ]
+
+
+def tuned(module: nn.Module, xs: list[torch.Tensor]):
+    """``module`` compiled with the tuned decode's options; the first call compiles."""
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    step = torch.compile(module, dynamic=False)
+    with torch.no_grad(), inductor_config.patch(CPU_DECODE_OPTIONS):
+        step(xs)
+
+    def run() -> None:
+        with torch.no_grad():
+            step(xs)
+
+    return run
+
+
+def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> tuple[list[torch.Tensor], float]:
+    """Inputs scaled so one threshold keeps exactly ``1 - skipped`` of each one's channels."""
+    channels = xs[0].shape[-1]
+    drop = round(skipped * channels)
+    out = []
+    for x in xs:
+        order = x.abs().flatten().sort().values
+        # Rescale so that the (drop)-th smallest magnitude lands just above 1.0: exactly
+        # ``drop`` channels fall below threshold 1.0 (and none ties with it).
+        edge = (order[drop - 1] + order[drop]) / 2 if drop else order[0] / 2
+        out.append(x / edge)
+    return out, 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--stream-mb", type=float, default=256.0)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_speed.json"
+    )
+    args = parser.parse_args()
+    assert compiled(), "the kernel did not build (see the warning): nothing to measure"
+    rows = []
+    started = time.time()
+    for model, *dims in MODELS:
+        for name, (fan_in, fan_out) in projection_shapes(*dims).items():
+            copies = max(4, int(args.stream_mb * 2**20 // (fan_in * fan_out * 4)))
+            g = torch.Generator().manual_seed(fan_in * fan_out)
+            weights = [
+                torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5 for _ in range(copies)
+            ]
+            xs = [torch.randn(1, fan_in, generator=g) for _ in range(copies)]
+            dense = tuned(DenseProjections(weights), xs)
+            kernel0 = tuned(SparseProjections(weights, 0.0), xs)
+            vs_dense, dense_s, k0_s = paired_ratio(dense, kernel0, args.repeats)
+            mb = fan_in * fan_out * 4 / 2**20
+            row = {
+                "model": model,
+                "projection": name,
+                "in_features": fan_in,
+                "out_features": fan_out,
+                "copies_streamed": copies,
+                "dense_us": dense_s / copies * 1e6,
+                "kernel0_us": k0_s / copies * 1e6,
+                "dense_gb_s": mb * copies / 1024 / dense_s,
+                "kernel0_gb_s": mb * copies / 1024 / k0_s,
+                "kernel0_speedup_vs_dense": vs_dense,
+                "skipped": {},
+            }
+            for skipped in SKIPPED:
+                scaled, threshold = inputs_keeping(xs, skipped)
+                kept = int((scaled[0].abs() >= threshold).sum())
+                zero = tuned(SparseProjections(weights, 0.0), scaled)
+                sparse = tuned(SparseProjections(weights, threshold), scaled)
+                speedup, _, sparse_s = paired_ratio(zero, sparse, args.repeats)
+                bound = fan_in / kept
+                row["skipped"][f"{skipped:.2f}"] = {
+                    "kept_channels": kept,
+                    "kernel_us": sparse_s / copies * 1e6,
+                    "speedup_vs_kernel0": speedup,
+                    "byte_bound": bound,
+                    "share_of_bound": speedup / bound,
+                }
+            rows.append(row)
+            half = row["skipped"]["0.50"]
+            print(
+                f"{model:28s} {name:8s} {fan_in:5d}x{fan_out:<5d} dense {row['dense_us']:7.1f} us "
+                f"({row['dense_gb_s']:4.1f} GB/s) | kernel 0% {row['kernel0_us']:7.1f} us "
+                f"({row['kernel0_gb_s']:4.1f} GB/s, {vs_dense:.2f}x dense) | 50%: "
+                f"{half['speedup_vs_kernel0']:.2f}x of bound {half['byte_bound']:.2f}x "
+                f"({half['share_of_bound']:.0%})",
+                flush=True,
+            )
+    report = {
+        "benchmark": "kernel_speed",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
+        "repeats": args.repeats,
+        "stream_mb": args.stream_mb,
+        "seconds": round(time.time() - started),
+        "results": rows,
+    }
+    save_report(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
