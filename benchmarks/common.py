@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+# The timers live in the library (the sweep measures decode speed too); re-exported here.
+from sparse_lightning.evaluation.speed import decode_speed, greedy_decode, paired_ratio  # noqa: F401
+
 #: The shared TruthfulQA CSV beside the checkout.
 TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
 #: Where the speed benchmarks keep the checkpoint their static masks come from, and its rows.
@@ -88,41 +91,6 @@ def linear_macs(model: torch.nn.Module) -> int:
     from sparse_lightning.inference import linear_macs_per_token
 
     return linear_macs_per_token(resolve(model))["total"]
-
-
-def greedy_decode(
-    model, prompt: torch.Tensor, new_tokens: int, compiled: bool = False
-) -> Callable[[], torch.Tensor]:
-    """A closure running batch-1 greedy ``generate`` of exactly ``new_tokens``; returns logits.
-
-    ``compiled=True`` is transformers' own compiled decoding: a static KV cache and the decode
-    step through ``torch.compile`` (prefill stays eager). transformers does this by itself on
-    GPUs only; ``_compile_all_devices`` is its switch for CPUs. The first call compiles.
-    """
-    from transformers import CompileConfig
-
-    extra: dict[str, object] = {}
-    if compiled:
-        config = CompileConfig(mode="default")
-        config._compile_all_devices = True
-        extra = {"cache_implementation": "static", "compile_config": config}
-
-    def run() -> torch.Tensor:
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                output_logits=True,
-                return_dict_in_generate=True,
-                **extra,
-            )
-        return torch.cat(out.logits)
-
-    return run
 
 
 #: Inductor options for batch-1 CPU decode. ``freezing`` treats the weights as constants, so
@@ -206,43 +174,6 @@ def own_forward(model) -> Callable:
     own.__kwdefaults__ = forward.__kwdefaults__
     own.__dict__.update(forward.__dict__)  # __wrapped__ and the like, for signatures
     return types.MethodType(own, model)
-
-
-def paired_ratio(
-    baseline: Callable[[], object],
-    candidate: Callable[[], object],
-    repeats: int,
-    prepare: tuple[Callable[[], object], Callable[[], object]] | None = None,
-) -> tuple[float, float, float]:
-    """Median of baseline/candidate time ratios timed back to back, and both median times.
-
-    Alternating the two within each repetition lets a slow spell on a shared machine hit
-    both sides. ``prepare`` (untimed) runs before each side, e.g. to switch a mode on or off.
-    """
-    sides = ((baseline, []), (candidate, []))
-    before = prepare or (lambda: None, lambda: None)
-    for (run, _), setup in zip(sides, before, strict=True):
-        setup()
-        run()  # warm-up
-    for _ in range(repeats):
-        for (run, times), setup in zip(sides, before, strict=True):
-            setup()
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    base, cand = sides[0][1], sides[1][1]
-    ratios = [b / c for b, c in zip(base, cand, strict=True)]
-    return statistics.median(ratios), statistics.median(base), statistics.median(cand)
-
-
-def decode_speed(paired: tuple[float, float, float], new_tokens: int) -> dict[str, float]:
-    """Tokens/s of both sides and the speedup, from a :func:`paired_ratio` of two decodes."""
-    speedup, baseline_s, candidate_s = paired
-    return {
-        "dense_tokens_per_s": new_tokens / baseline_s,
-        "tokens_per_s": new_tokens / candidate_s,
-        "speedup": speedup,
-    }
 
 
 def machine_info() -> dict[str, object]:

@@ -65,6 +65,8 @@ class CalibrationOptions:
         ig_steps: integrated-gradients steps (0: no IG).
         targets: ``dense`` (the model's own greedy answers, the paper) or ``reference``.
         reuse: ``sweep`` reuses a checkpoint calibrated on the same model and split.
+        allocations: measured byte-budget allocations to add (``greedy``, ``attribution``).
+        allocation_batches: calibration batches the allocation search runs on.
     """
 
     run_name: str = "run"
@@ -73,6 +75,8 @@ class CalibrationOptions:
     ig_steps: int = 0
     targets: str = "dense"
     reuse: bool = True
+    allocations: list[str] = field(default_factory=list)
+    allocation_batches: int = 1
 
     @property
     def checkpoint(self) -> Path:
@@ -87,19 +91,30 @@ class EvaluationOptions:
         modes: selection modes (``dynamic``, ``magnitude``, ``static``, ``oracle``, ``gate``).
         levels: unit kind -> the sparsity levels to try (every combination is evaluated;
             kinds left out stay dense).
+        budgets: shares of the decode weight bytes to skip (``mode="dynamic"``, the kernel).
+        allocations: how each budget spreads (``uniform``; ``greedy`` and ``attribution``
+            need ``calibration.allocations``).
         metric: ranking metric of ``static`` and ``oracle``.
         generation: greedy-answer metrics (BLEU vs dense, SacreBLEU/ROUGE/SQuAD vs gold).
         teacher_forced: top-1 agreement, KL vs dense, gold perplexity.
         multiple_choice: choice accuracy where the data has choices.
-        output_dir: where the table (JSON, CSV), the plot and the CSV logs go.
+        speed: also time each setting's batch-1 decode against a plain copy of the model.
+        speed_tokens: greedy tokens per timed decode.
+        speed_repeats: paired repetitions per setting.
+        output_dir: where the table (JSON, CSV), the plots and the CSV logs go.
     """
 
     modes: list[str] = field(default_factory=lambda: ["magnitude", "dynamic", "static"])
     levels: dict[str, list[float]] = field(default_factory=lambda: {"mlp": [0.5, 0.7, 0.9]})
+    budgets: list[float] = field(default_factory=list)
+    allocations: list[str] = field(default_factory=lambda: ["uniform"])
     metric: str = "corrected_gxo"
     generation: bool = True
     teacher_forced: bool = True
     multiple_choice: bool = True
+    speed: bool = True
+    speed_tokens: int = 32
+    speed_repeats: int = 3
     output_dir: str = "results"
 
 
@@ -232,8 +247,13 @@ def check_recipe(recipe: Recipe) -> None:
             raise ValueError(f"must be >= 1, got {recipe.model.max_new_tokens}.")
 
     def modes() -> None:
-        if not evaluation.modes:
-            raise ValueError("give at least one selection mode, e.g. [dynamic].")
+        if not evaluation.modes and not evaluation.budgets:
+            raise ValueError("give at least one selection mode (e.g. [dynamic]) or budget.")
+
+    def speed() -> None:
+        for key in ("speed_tokens", "speed_repeats"):
+            if getattr(evaluation, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(evaluation, key)}.")
 
     option(
         "calibration",
@@ -247,9 +267,16 @@ def check_recipe(recipe: Recipe) -> None:
     option("calibration.targets", targets)
     option("model.max_new_tokens", max_new_tokens)
     option("evaluation.modes", modes)
+    option("evaluation", speed)
     option(
         "evaluation",
-        lambda: sweep_settings(evaluation.modes, evaluation.levels, evaluation.metric),
+        lambda: sweep_settings(
+            evaluation.modes,
+            evaluation.levels,
+            evaluation.metric,
+            evaluation.budgets,
+            evaluation.allocations,
+        ),
     )
     option("export", lambda: SparsityConfig(export.levels, mode="static", metric=export.metric))
 
@@ -267,6 +294,8 @@ def calibrate(recipe: Recipe, module: Any | None = None) -> Path:
         run_name=options.run_name,
         dirpath=options.dirpath,
         dataset=recipe.data.describe("calibration"),
+        allocations=options.allocations,
+        allocation_batches=options.allocation_batches,
     )
     started = time.time()
     _trainer(recipe, [callback]).validate(module, datamodule=recipe.data, verbose=False)
@@ -282,13 +311,21 @@ def evaluate(
     Returns:
         The table's rows and its metadata (model, splits, date, seconds).
     """
-    from sparse_lightning.evaluation import format_table, run_sweep, save_table, sweep_settings
+    from sparse_lightning.evaluation import (
+        decode_speeds,
+        format_table,
+        run_sweep,
+        save_table,
+        sweep_settings,
+    )
 
     path = recipe.calibration.checkpoint
     module = module or _module(recipe)
     _load_checkpoint(module, path)
     options = recipe.evaluation
-    settings = sweep_settings(options.modes, options.levels, options.metric)
+    settings = sweep_settings(
+        options.modes, options.levels, options.metric, options.budgets, options.allocations
+    )
     started = time.time()
     rows = run_sweep(
         module,
@@ -299,6 +336,15 @@ def evaluate(
         teacher_forced=options.teacher_forced,
         multiple_choice=options.multiple_choice,
     )
+    if options.speed:
+        prompt = _speed_prompt(recipe, module)
+        speeds = decode_speeds(
+            module, settings, prompt, options.speed_tokens, options.speed_repeats
+        )
+        for row, speed in zip(rows, speeds, strict=True):
+            row["decode_tokens_per_s"] = speed["tokens_per_s"]
+            row["dense_decode_tokens_per_s"] = speed["dense_tokens_per_s"]
+            row["decode_speedup"] = speed["speedup"]
     metadata = {
         "model": _model_label(recipe.model.name),
         "checkpoint": str(path),
@@ -317,7 +363,7 @@ def sweep(recipe: Recipe) -> Path:
     """Calibrate unless a matching checkpoint exists, evaluate every setting, plot."""
     from sparse_lightning.calibration import run_differences
     from sparse_lightning.checkpoint import CheckpointError, read_metadata
-    from sparse_lightning.evaluation import plot
+    from sparse_lightning.evaluation import plot, plot_tradeoff
 
     module = _module(recipe)
     options, path = recipe.calibration, recipe.calibration.checkpoint
@@ -345,6 +391,9 @@ def sweep(recipe: Recipe) -> Path:
     )
     figure = plot(rows, _output(recipe) / "plot.png", title)
     print(f"plot -> {figure}")
+    if any("decode_speedup" in row for row in rows):
+        tradeoff = plot_tradeoff(rows, _output(recipe) / "tradeoff.png", title)
+        print(f"fidelity against measured decode speed -> {tradeoff}")
     return figure
 
 
@@ -413,6 +462,18 @@ def _load_checkpoint(module: Any, path: Path) -> None:
             "--calibration.dirpath to an existing checkpoint."
         )
     module.load_statistics(path)
+
+
+def _speed_prompt(recipe: Recipe, module: Any) -> Any:
+    """The first evaluation question, formatted as the evaluation prompts are: what the
+    speed is timed on."""
+    from sparse_lightning.data import QACollator
+
+    if module.tokenizer is None:
+        raise SystemExit("error: timing decode needs a tokenizer; set evaluation.speed false.")
+    data = recipe.data
+    collate = QACollator(module.tokenizer, data.prompt_format, data.max_answer_tokens)
+    return collate(data.examples_of("evaluation")[:1])["prompt_input_ids"]
 
 
 def _output(recipe: Recipe) -> Path:

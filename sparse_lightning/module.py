@@ -10,13 +10,13 @@ gradients in :mod:`~sparse_lightning.attribution.capture`, selection in
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
@@ -29,14 +29,21 @@ from sparse_lightning.attribution.capture import (
 )
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.checkpoint import load_statistics
-from sparse_lightning.data.teacher_forcing import TeacherForcedBatch, teacher_forced, until_first
+from sparse_lightning.data.targets import (
+    TARGETS,
+    Targets,
+    answer_loss,
+    eos_token_id,
+    greedy_answers,
+    pad_token_id,
+    targeted_batch,
+)
+from sparse_lightning.data.teacher_forcing import TeacherForcedBatch
 from sparse_lightning.inference import Sparsifier, claim, compact, owns, sparsity_report
 from sparse_lightning.inference.allocation_search import search_allocations
 from sparse_lightning.models import load_model
 from sparse_lightning.selection import SparsityConfig, build_selectors
 from sparse_lightning.units import UNIT_KINDS
-
-Targets = Literal["dense", "reference"]
 
 
 class SparseActivationModule(L.LightningModule):
@@ -75,7 +82,7 @@ class SparseActivationModule(L.LightningModule):
         max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
-        if targets not in ("dense", "reference"):
+        if targets not in TARGETS:
             raise ValueError(f"targets must be 'dense' or 'reference', got {targets!r}.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
@@ -102,12 +109,6 @@ class SparseActivationModule(L.LightningModule):
         model: PreTrainedModel | str | os.PathLike[str],
         path: str | os.PathLike[str],
         sparsity: float | SparsityConfig | None = None,
-        *,
-        mode: str | None = None,
-        metric: str | None = None,
-        phase: str | None = None,
-        budget: float | None = None,
-        allocation: str | None = None,
         **kwargs: Any,
     ) -> SparseActivationModule:
         """Wrap ``model`` and apply sparsity chosen from a calibration checkpoint.
@@ -115,16 +116,9 @@ class SparseActivationModule(L.LightningModule):
         Args:
             model: as for the constructor.
             path: a ``.safetensors`` checkpoint written by the calibration callback.
-            sparsity: fraction of units zeroed for every unit kind not named in ``kwargs``
-                (0 when omitted, as in :meth:`set_sparsity`), or a whole
-                :class:`~sparse_lightning.selection.SparsityConfig`.
-            mode: ``"dynamic"`` (default), ``"magnitude"``, ``"static"``, ``"oracle"`` or
-                ``"gate"`` (see :data:`~sparse_lightning.selection.MODES`).
-            metric: ranking metric of ``static`` and ``oracle`` (``"corrected_gxo"``).
-            phase: ``"decode"`` (default: prompts dense, decode steps sparse) or ``"all"``.
-            budget: the share of decode weight bytes to skip, instead of channel levels.
-            allocation: how the budget spreads: ``"uniform"``, ``"greedy"``, ``"attribution"``.
-            **kwargs: a level per unit kind (``mlp=0.7, heads=0.0``); the rest goes to the
+            sparsity: as for :meth:`set_sparsity`.
+            **kwargs: :meth:`set_sparsity`'s options (a level per unit kind, ``mode``,
+                ``metric``, ``phase``, ``budget``, ``allocation``); the rest goes to the
                 constructor (``tokenizer``, ``targets``, ...).
 
         Example:
@@ -132,18 +126,11 @@ class SparseActivationModule(L.LightningModule):
             ...     model, "checkpoints/smollm2.safetensors", mlp=0.7, heads=0.0)
             >>> module.model.generate(**inputs)  # sparse  # doctest: +SKIP
         """
-        levels = {k: kwargs.pop(k) for k in list(kwargs) if k in UNIT_KINDS}
+        names = (*UNIT_KINDS, *inspect.signature(cls.set_sparsity).parameters)
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         module = cls(model, **kwargs)
         module.load_statistics(path)
-        module.set_sparsity(
-            sparsity,
-            mode=mode,
-            metric=metric,
-            phase=phase,
-            budget=budget,
-            allocation=allocation,
-            **levels,
-        )
+        module.set_sparsity(sparsity, **options)
         return module
 
     def load_statistics(self, path: str | os.PathLike[str]) -> Statistics:
@@ -287,14 +274,6 @@ class SparseActivationModule(L.LightningModule):
             self._capture.__exit__(None, None, None)
             self._capture = None
 
-    @contextlib.contextmanager
-    def capturing(self, kinds: Sequence[str] | None = None) -> Iterator[ActivationCapture]:
-        """:meth:`start_capture` ... :meth:`stop_capture` as a ``with`` block."""
-        try:
-            yield self.start_capture(kinds)
-        finally:
-            self.stop_capture()
-
     def dense_units_and_gradients(
         self, batch: TeacherForcedBatch, kinds: Sequence[str] | None = None
     ) -> dict[str, CapturedUnits]:
@@ -370,24 +349,15 @@ class SparseActivationModule(L.LightningModule):
         with torch.no_grad(), self.sparse_positions(batch.labels != -100):
             return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
-    # ----------------------------------------------------------------------------- token ids
+    # ------------------------------------------------------------------ targets and loss
     @property
     def eos_token_id(self) -> int | None:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is None:
-            eos = self.model.generation_config.eos_token_id
-        return eos[0] if isinstance(eos, list) else eos
+        return eos_token_id(self.model, self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = self.model.generation_config.pad_token_id
-        if pad is None:
-            pad = self.eos_token_id
-        return 0 if pad is None else int(pad)
+        return pad_token_id(self.model, self.tokenizer)
 
-    # ------------------------------------------------------------------------------ targets
     def prepare_batch(
         self, batch: dict[str, Tensor], targets: Targets | None = None
     ) -> TeacherForcedBatch:
@@ -401,66 +371,19 @@ class SparseActivationModule(L.LightningModule):
         Raises:
             ValueError: the batch lacks the keys the targets need, or has no answer token.
         """
-        _require(batch, ("prompt_input_ids", "prompt_attention_mask"))
         targets = self.targets if targets is None else targets
-        if targets == "dense":
-            answers, answer_mask = self.generate_answers(
-                batch["prompt_input_ids"], batch["prompt_attention_mask"]
-            )
-        else:
-            _require(batch, ("answer_input_ids", "answer_attention_mask"))
-            answers, answer_mask = batch["answer_input_ids"], batch["answer_attention_mask"]
-        tf = teacher_forced(
-            batch["prompt_input_ids"],
-            batch["prompt_attention_mask"],
-            answers,
-            answer_mask,
-            self.pad_token_id,
-        )
-        if tf.num_answer_tokens == 0:
-            raise ValueError(
-                f"This batch has no answer tokens (targets={targets!r}), so there is no "
-                "loss to attribute. With targets='reference' give every example a non-empty "
-                "answer; with targets='dense' check that the model does not emit EOS at once "
-                "(prompt format / chat template)."
-            )
-        return tf
+        return targeted_batch(batch, targets, self.generate_answers, self.pad_token_id)
 
-    @torch.no_grad()
     def generate_answers(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Greedy answers of the wrapped model, up to and including the first EOS.
-
-        Returns:
-            ``(answers, mask)``, both ``(B, max_new_tokens)`` or shorter.
-        """
-        generated = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-        )[:, prompt_ids.shape[1] :]
-        return generated, until_first(generated, self.eos_token_id)
-
-    # --------------------------------------------------------------------------------- loss
-    def answer_loss(self, batch: TeacherForcedBatch) -> Tensor:
-        """Sum (not mean) of the cross-entropy of answer tokens, teacher-forced.
-
-        A sum keeps each token's gradient independent of how tokens are grouped into batches
-        and processes, so calibration sums add up exactly across DDP ranks.
-        """
-        logits = self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits
-        # Half-precision logits lose the loss's low bits; float32 and float64 stay as they are.
-        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1),
-            batch.labels[:, 1:].flatten(),
-            ignore_index=-100,
-            reduction="sum",
+        """Greedy answers of the wrapped model, up to and including the first EOS."""
+        return greedy_answers(
+            self.model, self.tokenizer, prompt_ids, prompt_mask, self.max_new_tokens
         )
+
+    def answer_loss(self, batch: TeacherForcedBatch) -> Tensor:
+        """Sum (not mean) of the answer tokens' cross-entropy, teacher-forced (see
+        :func:`~sparse_lightning.data.targets.answer_loss`)."""
+        return answer_loss(self.model, batch)
 
     # -------------------------------------------------------------------------- Lightning
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -513,12 +436,3 @@ class SparseActivationModule(L.LightningModule):
                 "knows what the model runs: use the newer wrapper, or call set_sparsity(...) on "
                 "this one to take the model back."
             )
-
-
-def _require(batch: dict[str, Tensor], keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ValueError(
-            f"The batch lacks {missing}; build batches with sparse_lightning.data.QACollator "
-            "(or collate_token_ids) so they carry prompt and answer token ids."
-        )

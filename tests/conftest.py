@@ -121,6 +121,19 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def decode_logits(model, prompt: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Greedy batch-1 decode with a KV cache: the prompt in one forward, then one token a step;
+    the last position's logits of every forward."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
 def calibrate(
     model,
     loader,

@@ -117,3 +117,27 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, option, expected):
     argv = ["sweep", *options(tmp_path / "no-model", tmp_path), option]
     with pytest.raises(SystemExit, match=expected):
         main(argv)
+
+
+def test_sweep_times_every_setting_and_plots_fidelity_against_speed(tiny_folder, tmp_path):
+    main(
+        [
+            "sweep",
+            *options(tiny_folder, tmp_path),
+            "--evaluation.budgets=[0.2, 0.4]",
+            "--evaluation.speed_tokens=4",
+            "--evaluation.speed_repeats=1",
+        ]
+    )
+    out = tmp_path / "results" / "tiny"
+    rows = json.loads((out / "table.json").read_text())["results"]
+    budgets = [r for r in rows if r.get("budget")]
+    assert [(r["budget"], r["allocation"], r["mode"]) for r in budgets] == [
+        (0.2, "uniform", "dynamic"),
+        (0.4, "uniform", "dynamic"),
+    ]
+    for row in rows:
+        assert row["decode_speedup"] > 0 and row["decode_tokens_per_s"] > 0
+    # The budget rows ran the channel kinds: their realized decode bytes are not zero.
+    assert all(r["realized_decode_bytes_skipped"] > 0.05 for r in budgets)
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"

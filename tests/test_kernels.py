@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ARCH_TYPES, calibrate, loader_of, tiny_model, token_pairs
+from conftest import ARCH_TYPES, calibrate, decode_logits, loader_of, tiny_model, token_pairs
 
 from sparse_lightning import SparseActivationModule, resolve
 from sparse_lightning.inference import Sparsifier
@@ -132,15 +132,7 @@ def checkpoints(tmp_path_factory):
 
 
 def decode(model, steps: int = 5) -> torch.Tensor:
-    """Greedy batch-1 decode with a KV cache: the prompt in one forward, then one token a step."""
-    with torch.no_grad():
-        out = model(PROMPT, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
+    return decode_logits(model, PROMPT, steps)
 
 
 def masked_reference(model_type: str, kind: str, thresholds: torch.Tensor) -> torch.Tensor:

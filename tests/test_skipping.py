@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_TYPES, tiny_model
+from conftest import ARCH_TYPES, decode_logits, tiny_model
 
 from sparse_lightning import SparseActivationModule
 from sparse_lightning.selection import kept_count
@@ -19,27 +19,18 @@ def gate_module(model_type: str, mlp: float = 0.5) -> SparseActivationModule:
     return module
 
 
-def decode_logits(module: SparseActivationModule, steps: int = 5) -> torch.Tensor:
-    """Greedy batch-1 decode with a KV cache: every step after the prompt is one token."""
-    model = module.model
-    with torch.no_grad():
-        out = model(PROMPT, use_cache=True)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
+def decode(module: SparseActivationModule, steps: int = 5) -> torch.Tensor:
+    return decode_logits(module.model, PROMPT, steps)
 
 
 @pytest.mark.parametrize("mlp", [0.5, 0.7])
 @pytest.mark.parametrize("model_type", ARCH_TYPES)
 def test_cut_decode_equals_masked_reference(model_type, mlp):
     module = gate_module(model_type, mlp)
-    cut = decode_logits(module)
+    cut = decode(module)
     cut_realized = module.realized_sparsity(reset=True)["mlp_zero_ratio"]
     module.sparsifier.gather = False
-    masked = decode_logits(module)
+    masked = decode(module)
     torch.testing.assert_close(cut, masked, atol=1e-4, rtol=0)
     units = module.architecture.units("mlp")
     assert cut_realized == pytest.approx(1 - kept_count(units, mlp) / units)

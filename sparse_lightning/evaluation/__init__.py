@@ -2,9 +2,11 @@
 
 from sparse_lightning.evaluation.callback import QAEvaluation
 from sparse_lightning.evaluation.metrics import KEYS, QAMetrics
+from sparse_lightning.evaluation.speed import decode_speeds
 from sparse_lightning.evaluation.sweep import (
     format_table,
     plot,
+    plot_tradeoff,
     run_sweep,
     save_table,
     sweep_settings,
@@ -14,8 +16,10 @@ __all__ = [
     "KEYS",
     "QAEvaluation",
     "QAMetrics",
+    "decode_speeds",
     "format_table",
     "plot",
+    "plot_tradeoff",
     "run_sweep",
     "save_table",
     "sweep_settings",

@@ -27,21 +27,28 @@ from sparse_lightning.units import UNIT_KINDS, check_kinds
 PLOTTED = ("bleu_vs_dense", "rougeL", "f1", "top1_agreement", "mc_accuracy")
 #: Metrics kept as fractions in tables, shown x100 in the plot.
 FRACTIONS = ("top1_agreement", "mc_accuracy")
+#: Measured decode speed (see :func:`~sparse_lightning.evaluation.speed.decode_speeds`).
+SPEED_KEYS = ("decode_speedup", "decode_tokens_per_s")
 
 
 def sweep_settings(
     modes: Sequence[str],
     levels: Mapping[str, Sequence[float]] | None = None,
     metric: str = "corrected_gxo",
+    budgets: Sequence[float] = (),
+    allocations: Sequence[str] = ("uniform",),
     **per_kind: Sequence[float],
 ) -> list[SparsityConfig]:
-    """The dense model first, then every mode at every combination of levels but all-zero.
+    """The dense model first, then every mode at every combination of levels but all-zero,
+    then every byte budget under every allocation (``mode="dynamic"``, the kernel's).
 
     Args:
         modes: selection modes.
         levels: unit kind -> the levels to try (kinds left out: dense); also as keywords
             (``mlp=[0.5, 0.7], heads=[0.0]``). The first kind varies fastest.
         metric: ranking metric of ``static`` and ``oracle``.
+        budgets: shares of the decode weight bytes to skip.
+        allocations: how each budget spreads over channel kinds and layers.
     """
     grid = {**dict(levels or {}), **per_kind}
     kinds = check_kinds(grid or UNIT_KINDS, "sweep levels")
@@ -51,12 +58,25 @@ def sweep_settings(
             chosen = dict(zip(reversed(kinds), combination, strict=True))
             if any(chosen.values()):
                 settings.append(SparsityConfig(chosen, mode=mode, metric=metric))
+    settings += [
+        SparsityConfig(budget=budget, allocation=allocation)
+        for allocation in allocations
+        for budget in budgets
+        if budget
+    ]
     return settings
 
 
+def method(row: Mapping[str, Any]) -> str:
+    """How a result row chose its units: the mode, or the allocation of a byte budget."""
+    if is_dense_row(row):
+        return "dense"
+    return f"budget {row['allocation']}" if row.get("budget") else row["mode"]
+
+
 def is_dense_row(row: Mapping[str, Any]) -> bool:
-    """A result row of the dense setting (every kind at 0)."""
-    return not any(row.get(kind, 0.0) for kind in UNIT_KINDS)
+    """A result row of the dense setting (every kind at 0, no budget)."""
+    return not any(row.get(kind, 0.0) for kind in UNIT_KINDS) and not row.get("budget")
 
 
 def run_sweep(
@@ -109,13 +129,20 @@ def save_table(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table: one row per setting, one column per metric present."""
-    keys = [k for k in KEYS if any(k in r for r in rows)]
-    head = ["mode", *UNIT_KINDS, "AR", *keys]
+    keys = [k for k in (*KEYS, *SPEED_KEYS) if any(k in r for r in rows)]
+    shown = [kind for kind in UNIT_KINDS if any(r.get(kind) for r in rows)]
+    budgets = any(r.get("budget") for r in rows)
+    head = ["method", *shown, *(["budget", "bytes skipped"] if budgets else []), "AR", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mode = "dense" if is_dense_row(r) else r["mode"]
-        levels = [f"{r.get(kind, 0.0):.0%}" for kind in UNIT_KINDS]
-        cells = [mode, *levels, f"{r['activation_ratio']:.0%}"]
+        levels = [f"{r.get(kind, 0.0):.0%}" for kind in shown]
+        if budgets:
+            skipped = r.get("realized_decode_bytes_skipped")
+            levels += [
+                f"{r['budget']:.0%}" if r.get("budget") else "—",
+                "—" if skipped is None else f"{skipped:.0%}",
+            ]
+        cells = [method(r), *levels, f"{r['activation_ratio']:.0%}"]
         cells += [f"{r[k]:.3f}" if k in r else "—" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -129,13 +156,13 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: st
     import matplotlib.pyplot as plt
 
     dense = [r for r in rows if is_dense_row(r)]
-    modes = list(dict.fromkeys(r["mode"] for r in rows if r not in dense))
+    modes = list(dict.fromkeys(method(r) for r in rows if r not in dense))
     fig, axes = plt.subplots(
         1, max(1, len(modes)), figsize=(4.5 * max(1, len(modes)), 4), squeeze=False
     )
     for ax, mode in zip(axes[0], modes or ["dense"], strict=False):
         points = sorted(
-            dense + [r for r in rows if r["mode"] == mode and r not in dense],
+            dense + [r for r in rows if method(r) == mode and r not in dense],
             key=lambda r: r["activation_ratio"],
         )
         for key in PLOTTED:
@@ -152,6 +179,47 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: st
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str) -> Path:
+    """Fidelity against measured decode speedup, one line per method (mode or allocation):
+    the trade-off on the machine that ran the sweep. Needs rows with ``decode_speedup``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "top1_agreement" if any("top1_agreement" in r for r in rows) else "bleu_vs_dense"
+    scale = 100.0 if key == "top1_agreement" else 1.0
+    dense = [r for r in rows if is_dense_row(r)]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name in dict.fromkeys(method(r) for r in rows if r not in dense):
+        points = sorted(
+            (r for r in rows if method(r) == name and "decode_speedup" in r and key in r),
+            key=lambda r: r["decode_speedup"],
+        )
+        ax.plot(
+            [1.0] + [r["decode_speedup"] for r in points],
+            [scale * (1.0 if key == "top1_agreement" else 100.0)]
+            + [scale * r[key] for r in points],
+            marker="o",
+            label=name,
+        )
+    ax.set(
+        xlabel="measured decode speedup over dense (eager generate, batch 1)",
+        ylabel=f"{key} (0-100)",
+        title=title,
+    )
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,9 @@ from typing import Protocol
 
 from torch import Tensor
 
+from sparse_lightning.architectures import ResolvedArchitecture
+from sparse_lightning.selection import Selector
+
 
 class Owner(Protocol):
     """The state an executor reads and the tally it adds to.
@@ -33,10 +36,31 @@ class Owner(Protocol):
         ...
 
 
-class Executor(Protocol):
-    """Applies one layer's selection for one unit kind; removable."""
+class Executor:
+    """Applies one layer's selection of one unit kind to the model; subclasses install
+    themselves in ``__init__`` and undo it in :meth:`remove`.
 
-    def remove(self) -> None: ...
+    Args:
+        owner: supplies ``enabled``, ``gather``, the sparse tokens and the counts.
+        architecture: the resolved model.
+        kind: the unit kind.
+        layer: decoder layer index.
+        selector: the rule choosing the kept units.
+    """
+
+    def __init__(
+        self,
+        owner: Owner,
+        architecture: ResolvedArchitecture,
+        kind: str,
+        layer: int,
+        selector: Selector,
+    ) -> None:
+        self.owner, self.kind, self.layer, self.selector = owner, kind, layer, selector
+        self.units = architecture.units(kind)
+
+    def remove(self) -> None:
+        raise NotImplementedError
 
 
 def restrict(keep: Tensor, rows: bool | Tensor, tokens: int) -> tuple[Tensor, Tensor, Tensor]:

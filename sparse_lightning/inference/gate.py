@@ -48,39 +48,33 @@ from torch import Tensor
 
 from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.architectures.weights import input_rows, restore_layout, store_input_rows
-from sparse_lightning.inference.executor import Owner, restrict
+from sparse_lightning.inference.executor import Executor, Owner, restrict
 from sparse_lightning.selection import GateSelector
 
 #: Largest kept fraction at which the up projection's kept rows are gathered (see above).
 GATHER_UP_BELOW = 1 / 3
 
 
-class GateExecutor:
+class GateExecutor(Executor):
     """Replaces one layer's MLP computation by the gate-first path; a removable handle.
 
     Gated MLPs get a new ``forward`` on the MLP module; plain MLPs on the output projection
     (OPT has no MLP module). Either way the module's parameters and state dict are unchanged.
 
-    Args:
-        sparsifier: the owner; supplies ``enabled``, ``gather`` and the counts.
-        architecture: the resolved model.
-        kind: the unit kind (MLP neurons).
-        layer: decoder layer index.
-        selector: the rule choosing the kept neurons from the gate activation.
+    The selector chooses the kept neurons from the gate activation (see :class:`Executor`).
     """
 
     def __init__(
         self,
-        sparsifier: Owner,
+        owner: Owner,
         architecture: ResolvedArchitecture,
         kind: str,
         layer: int,
         selector: GateSelector,
     ) -> None:
+        super().__init__(owner, architecture, kind, layer, selector)
         spec = architecture.spec
         decoder_layer = architecture.layers[layer]
-        self.sparsifier, self.kind, self.layer, self.selector = sparsifier, kind, layer, selector
-        self.units = architecture.units(kind)
         self.out_proj = decoder_layer.get_submodule(spec.mlp_out)
         self._relaid = store_input_rows(self.out_proj)
         if spec.mlp_gate_act is not None:
@@ -105,14 +99,14 @@ class GateExecutor:
 
     # ------------------------------------------------------------------------------ paths
     def _gated_forward(self, x: Tensor) -> Tensor:
-        if not self.sparsifier.enabled:
+        if not self.owner.enabled:
             return self._original(x)
-        rows = self.sparsifier.sparse_rows(x)
+        rows = self.owner.sparse_rows(x)
         if rows is False:
             return self._original(x)
         g = self.act(self.gate(x))
         flat = g.reshape(-1, self.units)
-        if self.sparsifier.gather and flat.shape[0] == 1:
+        if self.owner.gather and flat.shape[0] == 1:
             index = self._kept_index(flat)
             if index.numel() < GATHER_UP_BELOW * self.units:
                 up_bias = None if self.up.bias is None else self.up.bias.index_select(0, index)
@@ -124,13 +118,13 @@ class GateExecutor:
         return self.out_proj(g * self.up(x) * keep)
 
     def _plain_forward(self, a: Tensor) -> Tensor:
-        if not self.sparsifier.enabled:
+        if not self.owner.enabled:
             return self._original(a)
-        rows = self.sparsifier.sparse_rows(a)
+        rows = self.owner.sparse_rows(a)
         if rows is False:
             return self._original(a)
         flat = a.reshape(-1, self.units)
-        if self.sparsifier.gather and flat.shape[0] == 1:
+        if self.owner.gather and flat.shape[0] == 1:
             index = self._kept_index(flat)
             return self._cut_out_proj(index, flat[0].index_select(0, index), a)
         return self._original(a * self._kept_mask(flat, rows).reshape(a.shape))
@@ -140,13 +134,13 @@ class GateExecutor:
         """Sorted indices of the kept neurons of a single token (sorted: sequential reads)."""
         index = self.selector.keep_index(self.layer, flat[0]).sort().values
         zeroed = torch.full((), self.units - index.numel(), device=index.device)
-        self.sparsifier.count(self.kind, zeroed=zeroed, seen=self.units)
+        self.owner.count(self.kind, zeroed=zeroed, seen=self.units)
         return index
 
     def _kept_mask(self, flat: Tensor, rows: bool | Tensor) -> Tensor:
         keep = self.selector.keep(self.layer, flat.unsqueeze(-1))
         keep, zeroed, seen = restrict(keep, rows, flat.shape[0])
-        self.sparsifier.count(self.kind, zeroed=zeroed, seen=seen)
+        self.owner.count(self.kind, zeroed=zeroed, seen=seen)
         return keep.to(flat.dtype)
 
     def _cut_out_proj(self, index: Tensor, weights: Tensor, like: Tensor) -> Tensor:

@@ -10,22 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.architectures import ResolvedArchitecture
-from sparse_lightning.inference.executor import Owner, restrict
+from sparse_lightning.inference.executor import Executor, Owner, restrict
 from sparse_lightning.selection import Selector
 from sparse_lightning.units import UNIT_KINDS
 
 
-class MaskExecutor:
-    """Forward pre-hooks that mask one layer's units of one kind; a removable handle.
+class MaskExecutor(Executor):
+    """Forward pre-hooks that mask one layer's units of one kind (see :class:`Executor`).
 
     Every projection reading the site gets the same masked input (q, k and v; gate and up).
-
-    Args:
-        owner: supplies ``enabled``, the sparse tokens and the counts.
-        architecture: the resolved model.
-        kind: the unit kind.
-        layer: decoder layer index.
-        selector: the rule choosing the kept units.
     """
 
     def __init__(
@@ -36,8 +29,7 @@ class MaskExecutor:
         layer: int,
         selector: Selector,
     ) -> None:
-        self.owner, self.kind, self.layer, self.selector = owner, kind, layer, selector
-        self.units = architecture.units(kind)
+        super().__init__(owner, architecture, kind, layer, selector)
         self.width = architecture.unit_width(kind)
         modules = architecture.site_modules(UNIT_KINDS[kind].site, layer)
         self._last: tuple[Tensor, Tensor] | None = None

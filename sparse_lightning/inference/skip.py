@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from sparse_lightning.architectures import ResolvedArchitecture
-from sparse_lightning.architectures.weights import in_features, input_rows, is_transposed
+from sparse_lightning.architectures.weights import input_rows, is_transposed
 from sparse_lightning.inference.executor import Executor, Owner, restrict
 from sparse_lightning.inference.mask import MaskExecutor
 from sparse_lightning.kernels import load
@@ -50,16 +50,9 @@ def threshold_executor(
     return factory(owner, architecture, kind, layer, selector)
 
 
-class InputSparseExecutor:
-    """Input-sparse projections for one layer and one kind of channel; a removable handle.
-
-    Args:
-        owner: supplies ``enabled``, ``gather``, the sparse tokens and the counts.
-        architecture: the resolved model.
-        kind: a kind of input channels (not heads).
-        layer: decoder layer index.
-        selector: a threshold selector (``threshold(layer)``).
-    """
+class InputSparseExecutor(Executor):
+    """Input-sparse projections for one layer and one kind of channel (not heads), from a
+    threshold selector (``threshold(layer)``); see :class:`Executor`."""
 
     def __init__(
         self,
@@ -69,10 +62,9 @@ class InputSparseExecutor:
         layer: int,
         selector: Selector,
     ) -> None:
-        self.owner, self.kind, self.layer, self.selector = owner, kind, layer, selector
+        super().__init__(owner, architecture, kind, layer, selector)
         self.threshold = float(selector.threshold(layer))  # type: ignore[attr-defined]
         self.modules = architecture.site_modules(UNIT_KINDS[kind].site, layer)
-        self.units = in_features(self.modules[0])
         self.op = load()
         parts = [input_rows(m) for m in self.modules]
         self._fused_layout = len(parts) > 1 or not parts[0].is_contiguous()

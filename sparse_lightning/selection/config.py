@@ -61,6 +61,10 @@ def check_level(name: str, value: object) -> float:
     return float(value)
 
 
+#: The constructor's options besides the levels.
+OPTIONS = ("mode", "metric", "phase", "budget", "allocation")
+
+
 class SparsityConfig:
     """Fractions of units zeroed per kind and how they are chosen.
 
@@ -141,40 +145,26 @@ class SparsityConfig:
 
     @classmethod
     def from_arguments(
-        cls,
-        sparsity: float | SparsityConfig | None = None,
-        *,
-        mode: str | None = None,
-        metric: str | None = None,
-        phase: str | None = None,
-        budget: float | None = None,
-        allocation: str | None = None,
-        **levels: float,
+        cls, sparsity: float | SparsityConfig | None = None, **arguments: Any
     ) -> SparsityConfig:
         """The config of ``set_sparsity(sparsity, mode=..., ..., **levels)``.
 
         ``sparsity`` is the level of every uniform kind (``UnitKind.uniform``: MLP neurons and
-        heads) not named in ``levels`` (0 when omitted), or a whole config, which then comes
-        alone. A level given as ``None`` counts as not named.
+        heads) not named in ``arguments`` (0 when omitted), or a whole config, which then comes
+        alone. ``arguments`` are the constructor's options and levels; one given as ``None``
+        counts as not given.
         """
+        given = {key: value for key, value in arguments.items() if value is not None}
         if isinstance(sparsity, SparsityConfig):
-            options = (mode, metric, phase, budget, allocation)
-            if levels or any(option is not None for option in options):
+            if given:
                 raise TypeError(
                     "Pass either a SparsityConfig or levels/mode/metric, not both; change a "
                     "config with config.replace(mlp=..., mode=...)."
                 )
             return sparsity
         base = 0.0 if sparsity is None else check_level("sparsity", sparsity)
-        named = {kind: level for kind, level in levels.items() if level is not None}
-        options = {
-            "mode": mode or "dynamic",
-            "metric": metric or "corrected_gxo",
-            "phase": phase or "decode",
-            "budget": budget,
-            "allocation": allocation or "uniform",
-        }
-        return cls({**dict.fromkeys(uniform_kinds(), base), **named}, **options)
+        options = {key: given.pop(key) for key in OPTIONS if key in given}
+        return cls({**dict.fromkeys(uniform_kinds(), base), **given}, **options)
 
     def __getattr__(self, name: str) -> float:
         # ``config.mlp``, ``config.heads``: one attribute per row of the unit table.
@@ -244,6 +234,5 @@ def build_selectors(
 
 def _rebuild(row: Mapping[str, Any]) -> SparsityConfig:
     row = dict(row)
-    keys = ("mode", "metric", "phase", "budget", "allocation")
-    options = {key: row.pop(key) for key in keys if key in row}
+    options = {key: row.pop(key) for key in OPTIONS if key in row}
     return SparsityConfig(**options, **row)
