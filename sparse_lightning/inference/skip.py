@@ -126,7 +126,7 @@ class InputSparseExecutor(Executor):
         if eager and self._last is not None and self._last[0] is x:
             return self._last[1]
         y = self.op(x, self.weight_t, self.threshold, self.bias)
-        if count:
+        if count and eager:
             kept = (x.abs() >= self.threshold).sum()
             self.owner.count(self.kind, zeroed=self.units - kept, seen=self.units)
         if eager:
