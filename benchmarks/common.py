@@ -35,13 +35,17 @@ def calibrated_checkpoint(
     path: Path,
     batch_size: int = 8,
     allocations: tuple[str, ...] = (),
+    allocation_batches: int = 2,
 ) -> Path:
-    """``path`` if it holds a readable checkpoint (with ``allocations``), else calibrate on
-    TruthfulQA ``rows`` there.
+    """``path`` once it holds a checkpoint calibrated on TruthfulQA ``rows`` with the measured
+    ``allocations``: calibrates if there is none, then measures the tables it lacks.
 
-    Dense greedy answers (32 tokens), every unit kind, no IG: the library's defaults; plus the
-    measured allocation tables asked for.
+    Dense greedy answers (32 tokens), every unit kind, no IG: the library's defaults. The
+    allocation search runs on the first ``allocation_batches`` calibration batches, after the
+    statistics are saved (so a new search reuses the calibration).
     """
+    import itertools
+
     import lightning as L
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
@@ -52,25 +56,29 @@ def calibrated_checkpoint(
         SparseActivationModule,
         load_truthfulqa,
     )
-    from sparse_lightning.checkpoint import CheckpointError, read_metadata
+    from sparse_lightning.checkpoint import CheckpointError, read_metadata, save_statistics
 
-    try:
-        read_metadata(path)
-        if all(f"allocation.{m}.levels" in load_file(str(path)) for m in allocations):
-            return path
-    except CheckpointError:
-        pass
-    print(f"calibrating on TruthfulQA rows {rows.start}-{rows.stop - 1} -> {path}")
     questions = load_truthfulqa(TRUTHFULQA, rows=rows)
     loader = DataLoader(questions, batch_size=batch_size, collate_fn=QACollator(tokenizer))
     module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
-    callback = AttributionCalibration(
-        run_name=path.stem,
-        dirpath=path.parent,
-        dataset=f"TruthfulQA rows {rows.start}-{rows.stop - 1}",
-        allocations=allocations,
-    )
-    L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
+    try:
+        read_metadata(path)
+    except CheckpointError:
+        print(f"calibrating on TruthfulQA rows {rows.start}-{rows.stop - 1} -> {path}")
+        callback = AttributionCalibration(
+            run_name=path.stem,
+            dirpath=path.parent,
+            dataset=f"TruthfulQA rows {rows.start}-{rows.stop - 1}",
+        )
+        L.Trainer(accelerator="cpu", callbacks=[callback], logger=False).validate(module, loader)
+    stored = load_file(str(path))
+    missing = [m for m in allocations if f"allocation.{m}.levels" not in stored]
+    if missing:
+        print(f"searching allocations {missing} on {allocation_batches} calibration batches")
+        module.load_statistics(path)
+        batches = [module.prepare_batch(b) for b in itertools.islice(loader, allocation_batches)]
+        module.search_allocations(batches, methods=missing)
+        save_statistics(module.statistics, path)
     return path
 
 

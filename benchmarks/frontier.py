@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, nargs=2, default=[400, 800])
     parser.add_argument("--eval", type=int, nargs=2, default=[0, 100])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--allocation-batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier.json")

@@ -1,15 +1,17 @@
 """Measuring allocations: which channel kinds, in which layers, can give up bytes cheaply.
 
 Both measured methods of :mod:`~sparse_lightning.selection.allocation` walk, block by block,
-a path that raises one channel kind's level by ``step`` at a time, always the kind whose raise
-costs least per byte saved, and differ in what "cost" is:
+TEAL's path: from dense, raise one channel kind's level by ``step`` at a time, always the kind
+whose raise adds the least relative L2 change to the block's output (``sum ||e||^2 / sum
+||y||^2`` over answer tokens) per byte saved. They differ in how the budget is spread over the
+blocks:
 
-* ``greedy`` (TEAL): the relative L2 change of the block's output, ``sum ||e||^2 / sum ||y||^2``
-  over answer tokens; every block then skips the same share of its bytes;
-* ``attribution`` (ours): the paper's corrected score of that change, ``sum |g.e| + 0.5 ||g||
-  ||e||`` with ``g`` the loss gradient at the block's output (the first-order loss change plus
-  half of its error bound, as the corrected GxO scores a unit); blocks are then chosen across
-  the whole model, cheapest step first, so sensitive blocks keep more.
+* ``greedy`` (TEAL): every block skips the same share of its bytes;
+* ``attribution`` (ours): each point of each path is priced by the paper's corrected score of
+  the block-output change, ``sum |g.e| + 0.5 ||g|| ||e||`` with ``g`` the loss gradient at the
+  block's output (the first-order loss change plus half of its error bound, as the corrected
+  GxO scores a unit), and steps are taken across the whole model, cheapest per byte first, so
+  blocks the loss is sensitive to keep more.
 
 Each block runs alone on its dense inputs (recorded from one dense forward per batch), with its
 sites' channels below the level's calibrated threshold zeroed on the answer tokens only (the
@@ -88,17 +90,15 @@ def search_allocations(
     sizes = channel_bytes(architecture)
     block_bytes = sum(sizes.values())
     total = architecture.linear_macs()
-    tables = {}
-    for method in methods:
-        paths = [
-            _path(architecture, statistics, layer, records[layer], method, step, cap, sizes)
-            for layer in range(architecture.num_layers)
-        ]
-        if method == "greedy":
-            tables[method] = _same_share(paths, block_bytes, total, grid)
-        else:
-            tables[method] = _cheapest_first(paths, total, grid)
-    return tables
+    paths = [
+        _path(architecture, statistics, layer, records[layer], step, cap, sizes)
+        for layer in range(architecture.num_layers)
+    ]
+    spread = {
+        "greedy": lambda: _same_share(paths, block_bytes, total, grid),
+        "attribution": lambda: _cheapest_first(paths, total, grid),
+    }
+    return {method: spread[method]() for method in methods}
 
 
 # ------------------------------------------------------------------------------ recording
@@ -175,17 +175,16 @@ def _cost(
     layer: int,
     runs: list[_Block],
     levels: dict[str, float],
-    method: str,
-) -> float:
-    """The cost of running block ``layer`` at ``levels`` (see the module docstring)."""
+) -> tuple[float, float]:
+    """Block ``layer`` at ``levels``: the relative L2 error of its output and the corrected
+    score of that change (see the module docstring), over the answer tokens of ``runs``."""
     module = architecture.layers[layer]
     thresholds = {
         kind: statistics[kind].magnitude_threshold(layer, level)
         for kind, level in levels.items()
         if level > 0
     }
-    total = 0.0
-    norm = 0.0
+    squared = norm = score = 0.0
     for run in runs:
         handles = []
         for kind, threshold in thresholds.items():
@@ -199,14 +198,12 @@ def _cost(
                 handle.remove()
         hidden = output[0] if isinstance(output, tuple) else output
         error = hidden.reshape(-1, hidden.shape[-1])[run.rows] - run.output
-        if method == "greedy":
-            total += float(error.square().sum())
-            norm += float(run.output.square().sum())
-        else:
-            first_order = (run.gradient * error).sum(-1).abs()
-            bound = run.gradient.norm(dim=-1) * error.norm(dim=-1)
-            total += float((first_order + 0.5 * bound).sum())
-    return total / norm if method == "greedy" and norm > 0 else total
+        squared += float(error.square().sum())
+        norm += float(run.output.square().sum())
+        first_order = (run.gradient * error).sum(-1).abs()
+        bound = run.gradient.norm(dim=-1) * error.norm(dim=-1)
+        score += float((first_order + 0.5 * bound).sum())
+    return (squared / norm if norm > 0 else squared), score
 
 
 def _masker(threshold: float, rows: Tensor):
@@ -224,29 +221,31 @@ def _path(
     statistics: Statistics,
     layer: int,
     runs: list[_Block],
-    method: str,
     step: float,
     cap: float,
     sizes: dict[str, int],
 ) -> list[tuple[dict[str, float], float, float]]:
-    """Block ``layer``'s path: ``(levels, bytes skipped, cost)`` after each cheapest raise."""
+    """Block ``layer``'s path, TEAL's way: from all dense, raise by ``step`` the kind whose
+    raise adds the least relative L2 output error per byte saved, until every kind is at
+    ``cap``. Each point: ``(levels, bytes skipped, corrected score)``."""
     levels = dict.fromkeys(CHANNEL_KINDS, 0.0)
-    cost = _cost(architecture, statistics, layer, runs, levels, method)
-    path = [(dict(levels), 0.0, cost)]
+    error, score = _cost(architecture, statistics, layer, runs, levels)
+    path = [(dict(levels), 0.0, score)]
     while True:
         options = []
         for kind in CHANNEL_KINDS:
             if levels[kind] + step > cap + 1e-9:
                 continue
             trial = {**levels, kind: round(levels[kind] + step, 6)}
-            trial_cost = _cost(architecture, statistics, layer, runs, trial, method)
-            options.append(((trial_cost - cost) / (step * sizes[kind]), kind, trial_cost))
+            trial_error, trial_score = _cost(architecture, statistics, layer, runs, trial)
+            price = (trial_error - error) / (step * sizes[kind])
+            options.append((price, kind, trial_error, trial_score))
         if not options:
             return path
-        _, kind, cost = min(options)
+        _, kind, error, score = min(options)
         levels[kind] = round(levels[kind] + step, 6)
         skipped = sum(levels[k] * sizes[k] for k in CHANNEL_KINDS)
-        path.append((dict(levels), skipped, cost))
+        path.append((dict(levels), skipped, score))
 
 
 # ------------------------------------------------------------------------ across blocks

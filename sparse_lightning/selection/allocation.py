@@ -10,11 +10,11 @@ method          levels
 ==============  ===========================================================================
 uniform         the same level at every kind and layer (needs no measurement)
 greedy          TEAL's search: in each block, raise step by step the kind whose increase adds
-                the least error to the block's output per byte saved; every block skips the
-                same share of its bytes
-attribution     this project's: the same per-block steps, priced by the paper's corrected
+                the least relative L2 error to the block's output per byte saved; every block
+                skips the same share of its bytes
+attribution     this project's: the same per-block steps, each priced by the paper's corrected
                 score of the block-output change (``|g.e| + 0.5 ||g|| ||e||`` with ``g`` the
-                loss gradient at the block output), chosen across all blocks at once
+                loss gradient at the block output), taken across all blocks cheapest first
 ==============  ===========================================================================
 
 The measured methods store a table in the checkpoint (levels at a grid of budgets), written by
