@@ -11,7 +11,7 @@ import torch
 from conftest import ARCH_TYPES, calibrate, loader_of, tiny_model, token_pairs
 
 from sparse_lightning import SparseActivationModule
-from sparse_lightning.architectures import ARCHITECTURES
+from sparse_lightning.architectures import resolve
 
 # Loads the export with plain transformers in a fresh interpreter: no sparse_lightning import.
 STOCK_LOADER = """
@@ -78,7 +78,7 @@ def test_compacted_model_decodes_like_the_masked_model(model_type, tmp_path):
     _, _, callback = calibrate(
         tiny_model(model_type), loader_of(token_pairs(4)), run_name="d", dirpath=tmp_path
     )
-    heads = 0.5 if ARCHITECTURES[model_type].heads_removable else 0.0
+    heads = 0.5 if resolve(tiny_model(model_type)).spec.heads_removable else 0.0
     module = SparseActivationModule.from_pretrained(
         tiny_model(model_type),
         callback.checkpoint_path,

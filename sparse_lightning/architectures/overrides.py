@@ -1,7 +1,9 @@
-"""Where the units are, per Hugging Face ``model_type``: one row per model family.
+"""Where the units are, for the families whose config has no usable plan: one row each.
 
-Module paths are dotted, relative to the model (``layers``) or to one decoder layer (the rest).
-Adding a family is one row here plus a tiny config in the test table (``docs/architecture.md``).
+Most families need no row: :mod:`~sparse_lightning.architectures.plans` reads the module paths
+from the config's pipeline and tensor-parallel plans. A row here overrides that. Module paths
+are dotted, relative to the model (``layers``) or to one decoder layer (the rest). Adding a
+family is at most one row here plus a tiny config in the test table (``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ class ArchitectureSpec:
         attn_out: the attention output projection (its input = the heads).
         mlp_in: the projections that produce the neurons: ``(gate, up)`` or ``(fc1,)``.
         mlp_out: the MLP output projection (its input = the neurons).
-        mlp_size: config attribute holding the MLP width (compaction rewrites it).
+        mlp_size: config attribute holding the MLP width (compaction rewrites it); ``None``
+            when the config has none (compaction cannot remove neurons then).
         heads_removable: query, key and value are separate projections whose head count comes
             from the config, so compaction can remove heads by slicing.
         mlp_gate_act: path to the activation of a gated MLP, whose neurons are
             ``act(gate(x)) * up(x)`` with ``mlp_in = (gate, up)``; ``None`` for a plain MLP
             (``act(fc1(x))``). ``mode="gate"`` decides from it before running ``up``.
+        fused_gate_up: the gated MLP's gate and up are one projection (``gate_up_proj``): its
+            first half of output rows is the gate, the second half up.
     """
 
     layers: str
@@ -32,9 +37,10 @@ class ArchitectureSpec:
     attn_out: str
     mlp_in: tuple[str, ...]
     mlp_out: str
-    mlp_size: str = "intermediate_size"
+    mlp_size: str | None = "intermediate_size"
     heads_removable: bool = True
     mlp_gate_act: str | None = None
+    fused_gate_up: bool = False
 
     def paths(self, site: str) -> tuple[str, ...]:
         """The projections whose input is ``site`` (see :mod:`sparse_lightning.units`)."""
@@ -42,27 +48,8 @@ class ArchitectureSpec:
         return (value,) if isinstance(value, str) else value
 
 
-_LLAMA = ArchitectureSpec(
-    layers="model.layers",
-    attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    attn_out="self_attn.o_proj",
-    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-    mlp_out="mlp.down_proj",
-    mlp_gate_act="mlp.act_fn",
-)
-
-#: ``model_type`` -> where its units are. Llama covers SmolLM/SmolLM2 and MobiLlama.
+#: ``model_type`` -> where its units are, for families the plans do not describe.
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "phi": ArchitectureSpec(
-        layers="model.layers",
-        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        attn_out="self_attn.dense",
-        mlp_in=("mlp.fc1",),
-        mlp_out="mlp.fc2",
-    ),
     "gpt2": ArchitectureSpec(
         layers="transformer.h",
         attn_in=("attn.c_attn",),
@@ -70,14 +57,6 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         mlp_in=("mlp.c_fc",),
         mlp_out="mlp.c_proj",
         mlp_size="n_inner",
-        heads_removable=False,
-    ),
-    "gpt_neox": ArchitectureSpec(
-        layers="gpt_neox.layers",
-        attn_in=("attention.query_key_value",),
-        attn_out="attention.dense",
-        mlp_in=("mlp.dense_h_to_4h",),
-        mlp_out="mlp.dense_4h_to_h",
         heads_removable=False,
     ),
     "opt": ArchitectureSpec(
@@ -89,5 +68,22 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         mlp_size="ffn_dim",
         # OPT derives head_dim from hidden_size / num_attention_heads: no head removal.
         heads_removable=False,
+    ),
+    "falcon": ArchitectureSpec(
+        layers="transformer.h",
+        attn_in=("self_attention.query_key_value",),
+        attn_out="self_attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_size="ffn_hidden_size",
+        heads_removable=False,
+    ),
+    "stablelm": ArchitectureSpec(
+        layers="model.layers",
+        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_out="self_attn.o_proj",
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_out="mlp.down_proj",
+        mlp_gate_act="mlp.act_fn",
     ),
 }

@@ -2,7 +2,8 @@
 
 Units are read and changed at the *input* of projections (see :mod:`sparse_lightning.units`),
 so one forward pre-hook per projection serves capture (calibration) and masking (inference)
-for every architecture. Where the modules are comes from
+for every architecture. Where the modules are comes from the model's own plans
+(:mod:`~sparse_lightning.architectures.plans`), or a row of
 :data:`~sparse_lightning.architectures.overrides.ARCHITECTURES`.
 
 Example:
@@ -22,12 +23,13 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from sparse_lightning.architectures.overrides import ARCHITECTURES, ArchitectureSpec
+from sparse_lightning.architectures.plans import PlanError, experts, spec_from_plans, text_config
 from sparse_lightning.architectures.weights import in_features, out_features
 from sparse_lightning.units import SITES, UNIT_KINDS, check_kinds
 
 
 class UnsupportedArchitectureError(ValueError):
-    """The model's units cannot be found (its ``model_type`` has no row in the table)."""
+    """The model's units cannot be found, or its kind (mixture of experts) is not supported."""
 
 
 @dataclass(frozen=True)
@@ -115,43 +117,69 @@ class ResolvedArchitecture:
 def resolve(model: nn.Module) -> ResolvedArchitecture:
     """Find the units of a Hugging Face causal LM.
 
-    Args:
-        model: a ``PreTrainedModel`` whose ``config.model_type`` is in the table.
+    The module paths come from the config's pipeline and tensor-parallel plans
+    (:mod:`~sparse_lightning.architectures.plans`), or from a row of
+    :data:`~sparse_lightning.architectures.overrides.ARCHITECTURES` for the families without.
 
     Raises:
-        UnsupportedArchitectureError: the ``model_type`` is not in the table.
+        UnsupportedArchitectureError: a mixture of experts, or a family whose plans do not
+            say where its units are; the message names the model type and what is missing.
         ValueError: the config's head count does not divide the attention width.
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
+    if config is None:
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported by sparse_lightning. Supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add it, map its module names in "
-            "sparse_lightning/architectures/overrides.py (ARCHITECTURES) and add a tiny-model "
-            "test (docs/architecture.md)."
+            f"{type(model).__name__} has no config: wrap a Hugging Face PreTrainedModel."
         )
-    spec = ARCHITECTURES[model_type]
+    text = text_config(model)
+    model_type = getattr(config, "model_type", None)
+    count = experts(model)
+    if count > 1:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is a mixture of experts ({count} per layer): a token "
+            "runs only some experts, so a layer's MLP neurons are not one set that calibration "
+            "and selection can rank. sparse_lightning supports dense decoder models."
+        )
+    spec = ARCHITECTURES.get(model_type) or ARCHITECTURES.get(getattr(text, "model_type", None))
+    if spec is None:
+        try:
+            spec = spec_from_plans(model)
+        except PlanError as missing:
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} is not supported by sparse_lightning: {missing}. "
+                "Families whose config has a tensor-parallel plan resolve by themselves (e.g. "
+                "llama, mistral, qwen2, qwen3, gemma, phi, phi3, gpt_neox, olmo2); the others "
+                "need one row in sparse_lightning/architectures/overrides.py (ARCHITECTURES, "
+                f"now {', '.join(sorted(ARCHITECTURES))}) and a tiny config in the test table "
+                "(docs/architecture.md)."
+            ) from None
     layers = tuple(model.get_submodule(spec.layers))
     attn_out = layers[0].get_submodule(spec.attn_out)
     mlp_out = layers[0].get_submodule(spec.mlp_out)
-    num_heads = int(config.num_attention_heads)
+    num_heads = _first_int(text, ("num_attention_heads", "n_head", "num_heads"))
     attn_width = in_features(attn_out)
-    if attn_width % num_heads:
+    if not num_heads or attn_width % num_heads:
         raise ValueError(
             f"{spec.attn_out} takes {attn_width} features, not a multiple of "
             f"num_attention_heads={num_heads}; the config does not match the weights."
         )
+    kv_heads = _first_int(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv"))
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", 0):
+        kv_heads = 1
     fingerprint = Fingerprint(
         model_type=model_type,
         num_layers=len(layers),
         mlp_units=in_features(mlp_out),
         num_heads=num_heads,
         head_dim=attn_width // num_heads,
-        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+        num_kv_heads=kv_heads or num_heads,
     )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_macs = int(head.weight.numel()) if head is not None else 0
     return ResolvedArchitecture(
         spec, fingerprint, layers, hidden_size=out_features(mlp_out), output_macs=output_macs
     )
+
+
+def _first_int(config, names: tuple[str, ...]) -> int:
+    return next((int(v) for n in names if (v := getattr(config, n, None)) is not None), 0)

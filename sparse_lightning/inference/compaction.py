@@ -48,7 +48,17 @@ def compact(model: PreTrainedModel, masks: dict[str, Tensor]) -> PreTrainedModel
             )
         _REMOVERS[unit.site](model, arch, kind_masks, state, config)
     small = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    small.load_state_dict(state, strict=True)
+    try:
+        small.load_state_dict(state, strict=True)
+    except RuntimeError as mismatch:
+        # The family's modelling code sizes some weight from something else than the counts
+        # compaction rewrote (o_proj from hidden_size, a norm over all heads' features, ...).
+        first = next((line.strip() for line in str(mismatch).splitlines()[1:]), str(mismatch))
+        raise ValueError(
+            f"{arch.model_type}'s modelling code does not build a model with fewer "
+            f"{' and '.join(UNIT_KINDS[k].label for k in masks)}: {first} Compact "
+            f"{'MLP neurons only (heads=0)' if 'heads' in masks else 'nothing'} for this family."
+        ) from None
     small.generation_config = copy.deepcopy(model.generation_config)
     return small.eval()
 
@@ -60,12 +70,20 @@ def _remove_neurons(
     state: dict[str, Tensor],
     config: PretrainedConfig,
 ) -> None:
+    if arch.spec.mlp_size is None:
+        raise ValueError(
+            f"{arch.model_type}'s config names no MLP width that compaction could rewrite; "
+            "compact heads only (set the mlp sparsity to 0)."
+        )
     setattr(config, arch.spec.mlp_size, _even_count(masks, "MLP neurons"))
+    width = masks.shape[-1]
     for layer, mask in enumerate(masks):
         keep = mask.nonzero().flatten()
+        if arch.spec.fused_gate_up:  # gate rows, then the same up rows
+            rows = torch.cat([keep, keep + width])
         prefix = f"{arch.spec.layers}.{layer}."
         for path in arch.spec.mlp_in:
-            _slice_out(model, prefix + path, keep, state)
+            _slice_out(model, prefix + path, rows if arch.spec.fused_gate_up else keep, state)
         _slice_in(model, prefix + arch.spec.mlp_out, keep, state)
 
 

@@ -74,6 +74,12 @@ class GateExecutor(Executor):
     ) -> None:
         super().__init__(owner, architecture, kind, layer, selector)
         spec = architecture.spec
+        if spec.fused_gate_up:
+            raise ValueError(
+                f"mode='gate' decides from the gate before running up, and "
+                f"{architecture.model_type} computes both in one projection "
+                f"({spec.mlp_in[0]}); use mode='dynamic' (the input-sparse kernel) instead."
+            )
         decoder_layer = architecture.layers[layer]
         self.out_proj = decoder_layer.get_submodule(spec.mlp_out)
         self._relaid = store_input_rows(self.out_proj)
