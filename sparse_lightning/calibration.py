@@ -159,7 +159,7 @@ class AttributionCalibration(Callback):
         arch = pl_module.architecture
         self.sums = {
             kind: AttributionSums(
-                kind, arch.num_layers, arch.units(kind), integrated_gradients=self.ig_steps > 0
+                kind, arch.depth(kind), arch.units(kind), integrated_gradients=self.ig_steps > 0
             ).to(pl_module.device)
             for kind in self.units
         }

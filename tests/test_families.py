@@ -20,7 +20,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from sparse_lightning import SparseActivationModule, UnsupportedArchitectureError, resolve
 from sparse_lightning.architectures import ARCHITECTURES
 from sparse_lightning.data import TeacherForcedBatch
-from sparse_lightning.inference import compact
+from sparse_lightning.inference import compact, sparsity_report
 from sparse_lightning.selection import MODES
 from sparse_lightning.units import UNIT_KINDS
 
@@ -58,6 +58,13 @@ FAMILIES: dict[str, dict] = {
     "gpt_neox": {"num_key_value_heads": 4},
     "falcon": {"ffn_hidden_size": 37, "new_decoder_architecture": True, "num_kv_heads": 2},
     "opt": {"ffn_dim": 37, "word_embed_proj_dim": 32, "num_key_value_heads": 4},
+    # a hybrid: the first layer is a short convolution without attention; the MLP width is
+    # two thirds of intermediate_size, rounded up to a multiple of block_multiple_of
+    "lfm2": {
+        "intermediate_size": 56,
+        "block_multiple_of": 1,
+        "layer_types": ["conv", "full_attention"],
+    },
     "gpt2": {
         "n_embd": 32,
         "n_layer": 2,
@@ -120,10 +127,18 @@ def test_resolution_finds_units_that_the_modules_really_consume(model_type):
     head_dim = FAMILIES[model_type].get("head_dim", 8)
     assert (arch.num_heads, arch.head_dim) == (4, head_dim)
     for name, kind in UNIT_KINDS.items():
-        for layer in range(2):
-            for module in arch.site_modules(kind.site, layer):
+        for row in range(arch.depth(name)):
+            for module in arch.site_modules(kind.site, row):
                 # The unit count matches what every projection at the site reads.
                 module(torch.zeros(1, arch.units(name) * arch.unit_width(name)))
+    # Every layer has each site, except the hybrid's attention-free layers.
+    layer_types = FAMILIES[model_type].get("layer_types", ["full_attention"] * 2)
+    attention = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
+    assert arch.layers_with("attn_in") == arch.layers_with("attn_out") == attention
+    assert arch.layers_with("mlp_in") == arch.layers_with("mlp_out") == (0, 1)
+    for row, layer in enumerate(attention):
+        q = arch.site_modules("attn_in", row)[0]
+        assert any(q is m for m in model.get_submodule(arch.spec.layers)[layer].modules())
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -168,11 +183,15 @@ def test_compaction_reloads_in_stock_transformers_or_refuses(model_type, calibra
         small = module.compact()
     except ValueError as refusal:
         message = str(refusal)
-        assert "Heads cannot be removed" in message or "heads=0" in message, message
-        module.set_sparsity(mlp=0.5, mode="static", phase="all")
+        if "compact heads only" in message:  # the MLP width is not a config field
+            assert spec.mlp_size is None
+            module.set_sparsity(heads=0.5, mode="static", phase="all")
+        else:
+            assert "Heads cannot be removed" in message or "heads=0" in message, message
+            module.set_sparsity(mlp=0.5, mode="static", phase="all")
         small = module.compact()
     else:
-        assert spec.heads_removable
+        assert spec.heads_removable and spec.mlp_size is not None
     ids = batch().input_ids
     small.save_pretrained(tmp_path / "small")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
@@ -189,6 +208,26 @@ def test_a_family_with_a_plan_resolves_without_a_row():
     """Qwen3 has no override row: its config's plans are enough."""
     assert "qwen3" not in ARCHITECTURES
     assert resolve(family_model("qwen3")).spec.attn_out == "self_attn.o_proj"
+
+
+def test_a_hybrid_counts_its_convolution_layers_and_refuses_measured_allocations(calibrated):
+    """lfm2's first layer is a short convolution: its projections stream bytes at decode (so
+    they count in the total) but hold no unit; a byte budget is spread over what exists."""
+    _, path, _ = calibrated("lfm2")
+    module = SparseActivationModule.from_pretrained(family_model("lfm2"), path)
+    arch = module.architecture
+    h, n, kv = 32, 37, 16  # hidden, MLP width, key/value width (2 KV heads of 8)
+    mlp = 3 * h * n
+    conv = h * 3 * h + h * h  # in_proj (B, C, x) and out_proj
+    attention = h * h + 2 * h * kv + h * h  # q, k, v, out_proj
+    assert arch.linear_macs() == conv + mlp + attention + mlp + VOCAB * h
+    # One attention layer of two: all its input channels dropped skip q, k and v once.
+    skipped = sparsity_report({"attn_input": 1.0}, arch)["decode_bytes_skipped"]
+    assert skipped == pytest.approx((h * h + 2 * h * kv) / arch.linear_macs())
+    module.set_sparsity(budget=0.2)
+    assert all(len(s.thresholds) == arch.depth(k) for k, s in module.sparsifier.selectors.items())
+    with pytest.raises(ValueError, match=r"lfm2 is hybrid.*allocation='uniform'"):
+        module.search_allocations([batch()])
 
 
 def test_a_mixture_of_experts_is_refused_by_name():
@@ -218,20 +257,32 @@ def family_facts(model_type: str) -> dict[str, str]:
     fused = [*spec.attn_in[: len(spec.attn_in) == 1], *spec.mlp_in[: spec.fused_gate_up]]
     groups = arch.num_kv_heads
     per_group = arch.num_heads // groups
-    keep = torch.zeros(arch.num_layers, groups, per_group, dtype=torch.bool)
-    keep[..., : max(1, per_group // 2)] = True
-    try:
-        compact(model, {"heads": keep.flatten(1)})
-        heads = "yes"
-    except ValueError:
-        heads = "no (neurons only)"
+    heads = torch.zeros(arch.depth("heads"), groups, per_group, dtype=torch.bool)
+    heads[..., : max(1, per_group // 2)] = True
+    neurons = torch.zeros(arch.depth("mlp"), arch.units("mlp"), dtype=torch.bool)
+    neurons[:, : arch.units("mlp") // 2] = True
+    removable = [
+        label
+        for label, masks in (("heads", {"heads": heads.flatten(1)}), ("neurons", {"mlp": neurons}))
+        if _compacts(model, masks)
+    ]
+    attention = len(arch.layers_with("attn_out"))
     return {
         "family": f"`{model_type}`",
         "found by": "override row" if model_type in ARCHITECTURES else "its plans",
+        "layers with attention": "all" if attention == arch.num_layers else "some (hybrid)",
         "fused projections": ", ".join(f"`{p.rpartition('.')[2]}`" for p in fused) or "none",
         "mode='gate'": "no (fused gate/up)" if spec.fused_gate_up else "yes",
-        "compaction removes heads": heads,
+        "compaction removes": " and ".join(removable) or "nothing",
     }
+
+
+def _compacts(model, masks) -> bool:
+    try:
+        compact(model, masks)
+    except ValueError:
+        return False
+    return True
 
 
 def render_table() -> str:
@@ -253,8 +304,10 @@ def render_table() -> str:
     lines += [
         "",
         "Mixtures of experts (`mixtral`, `qwen2_moe`, ...) are refused by name: a token runs only",
-        "some experts, so a layer's neurons are not one set. Hybrid models whose layers lack",
-        "attention (`lfm2`) are not supported yet.",
+        "some experts, so a layer's neurons are not one set. In hybrid models (`lfm2`), the",
+        "layers without attention have MLP and input-channel units only; measured allocations",
+        "(`greedy`, `attribution`) need every layer to hold every site, so hybrids use",
+        "`uniform` or levels per kind.",
     ]
     return "\n".join(lines) + "\n"
 

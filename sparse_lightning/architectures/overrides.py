@@ -86,4 +86,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         mlp_out="mlp.down_proj",
         mlp_gate_act="mlp.act_fn",
     ),
+    # A hybrid: most layers are short convolutions (``conv``) with no attention site; the
+    # resolver finds which layers have each site. The MLP width is derived from
+    # intermediate_size (two thirds, rounded), so compaction cannot rewrite it.
+    "lfm2": ArchitectureSpec(
+        layers="model.layers",
+        attn_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_out="self_attn.out_proj",
+        mlp_in=("feed_forward.w1", "feed_forward.w3"),
+        mlp_out="feed_forward.w2",
+        mlp_size=None,
+    ),
 }

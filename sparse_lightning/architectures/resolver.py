@@ -18,13 +18,13 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from sparse_lightning.architectures.overrides import ARCHITECTURES, ArchitectureSpec
 from sparse_lightning.architectures.plans import PlanError, experts, spec_from_plans, text_config
-from sparse_lightning.architectures.weights import in_features, out_features
+from sparse_lightning.architectures.weights import in_features, is_transposed, out_features
 from sparse_lightning.units import SITES, UNIT_KINDS, check_kinds
 
 
@@ -62,6 +62,10 @@ class ResolvedArchitecture:
     #: Multiply-adds per token of the output (vocabulary) projection: streamed at every decode
     #: step like the layers' weights, and never skipped.
     output_macs: int = 0
+    #: site -> the decoder layers that have it: every layer, except in hybrid models whose
+    #: convolution or linear-attention layers have no attention site. Per-layer tables of a
+    #: unit kind (statistics, levels, selectors) have one row per layer listed here.
+    site_layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:
@@ -83,12 +87,26 @@ class ResolvedArchitecture:
     def head_dim(self) -> int:
         return self.fingerprint.head_dim
 
-    def site_modules(self, site: str, layer: int) -> tuple[nn.Module, ...]:
-        """The projections of decoder layer ``layer`` whose input is ``site``."""
-        return tuple(self.layers[layer].get_submodule(p) for p in self.spec.paths(site))
+    def layers_with(self, site: str) -> tuple[int, ...]:
+        """The decoder layers that have ``site`` (all of them unless the model is hybrid)."""
+        return self.site_layers.get(site, tuple(range(self.num_layers)))
+
+    def depth(self, kind: str) -> int:
+        """Rows of a per-layer table of ``kind``: the layers that have its site."""
+        return len(self.layers_with(UNIT_KINDS[check_kinds([kind])[0]].site))
+
+    def layer_of(self, site: str, row: int) -> int:
+        """The decoder layer of row ``row`` of a per-layer table at ``site``."""
+        return self.layers_with(site)[row]
+
+    def site_modules(self, site: str, row: int) -> tuple[nn.Module, ...]:
+        """The projections whose input is ``site``, in row ``row`` of the layers that have it
+        (:meth:`layers_with`; the decoder layer ``row`` unless the model is hybrid)."""
+        layer = self.layers[self.layer_of(site, row)]
+        return tuple(layer.get_submodule(p) for p in self.spec.paths(site))
 
     def site_outputs(self, site: str) -> int:
-        """Output features of the projections reading ``site``, summed (layer 0)."""
+        """Output features of the projections reading ``site``, summed (one layer)."""
         return sum(out_features(m) for m in self.site_modules(site, 0))
 
     def site_macs(self, site: str) -> int:
@@ -97,13 +115,23 @@ class ResolvedArchitecture:
         return sum(in_features(m) * out_features(m) for m in self.site_modules(site, 0))
 
     def linear_macs(self) -> int:
-        """Multiply-adds per token of every linear layer, the output projection included."""
-        return self.num_layers * sum(self.site_macs(site) for site in SITES) + self.output_macs
+        """Multiply-adds per token of every linear layer, the output projection included
+        (and the layers' projections outside the sites, such as a hybrid's convolutions)."""
+        return self.output_macs + sum(
+            in_features(module) * out_features(module)
+            for layer in self.layers
+            for module in layer.modules()
+            if isinstance(module, nn.Linear) or is_transposed(module)
+        )
+
+    def site_macs_all_layers(self, site: str) -> int:
+        """Multiply-adds per token of every projection reading ``site``, over all layers."""
+        return len(self.layers_with(site)) * self.site_macs(site)
 
     def out_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """Per layer, the projection whose input holds the units of ``kind``."""
         site = UNIT_KINDS[check_kinds([kind])[0]].site
-        return tuple(self.site_modules(site, layer)[0] for layer in range(self.num_layers))
+        return tuple(self.site_modules(site, row)[0] for row in range(self.depth(kind)))
 
     def unit_width(self, kind: str) -> int:
         """Features per unit at the projection input: 1, or ``head_dim`` for a head."""
@@ -154,8 +182,15 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
                 "(docs/architecture.md)."
             ) from None
     layers = tuple(model.get_submodule(spec.layers))
-    attn_out = layers[0].get_submodule(spec.attn_out)
-    mlp_out = layers[0].get_submodule(spec.mlp_out)
+    site_layers = {site: _layers_having(layers, spec.paths(site)) for site in SITES}
+    for site, found in site_layers.items():
+        if not found:
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r}: no decoder layer has {' and '.join(spec.paths(site))}"
+                " (the module paths of its architecture row or plans do not match the model)."
+            )
+    attn_out = layers[site_layers["attn_out"][0]].get_submodule(spec.attn_out)
+    mlp_out = layers[site_layers["mlp_out"][0]].get_submodule(spec.mlp_out)
     num_heads = _first_int(text, ("num_attention_heads", "n_head", "num_heads"))
     attn_width = in_features(attn_out)
     if not num_heads or attn_width % num_heads:
@@ -177,8 +212,26 @@ def resolve(model: nn.Module) -> ResolvedArchitecture:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_macs = int(head.weight.numel()) if head is not None else 0
     return ResolvedArchitecture(
-        spec, fingerprint, layers, hidden_size=out_features(mlp_out), output_macs=output_macs
+        spec,
+        fingerprint,
+        layers,
+        hidden_size=out_features(mlp_out),
+        output_macs=output_macs,
+        site_layers=site_layers,
     )
+
+
+def _layers_having(layers: tuple[nn.Module, ...], paths: tuple[str, ...]) -> tuple[int, ...]:
+    """The layers that hold every module in ``paths`` (hybrids: some layers have no attention)."""
+
+    def has(layer: nn.Module, path: str) -> bool:
+        try:
+            layer.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    return tuple(i for i, layer in enumerate(layers) if all(has(layer, p) for p in paths))
 
 
 def _first_int(config, names: tuple[str, ...]) -> int:

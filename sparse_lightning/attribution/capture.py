@@ -69,9 +69,9 @@ class ActivationCapture:
 
     def __enter__(self) -> ActivationCapture:
         for site in self.sites:
-            for layer in range(self.architecture.num_layers):
-                hook = self._make_hook(site, layer)
-                for module in self.architecture.site_modules(site, layer):
+            for row in range(len(self.architecture.layers_with(site))):
+                hook = self._make_hook(site, row)
+                for module in self.architecture.site_modules(site, row):
                     self._handles.append(module.register_forward_pre_hook(hook))
         return self
 
@@ -99,8 +99,9 @@ class ActivationCapture:
 
     def clear(self) -> None:
         """Drop the captured tensors (and the autograd graph they keep alive)."""
-        layers = self.architecture.num_layers
-        self.captured = {site: [None] * layers for site in self.sites}
+        self.captured = {
+            site: [None] * len(self.architecture.layers_with(site)) for site in self.sites
+        }
         self._sources.clear()
 
     def tensors(self) -> list[Tensor]:
@@ -125,8 +126,10 @@ class ActivationCapture:
 
     def by_kind(self, tensors: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         """Split a :meth:`tensors`-ordered list per unit kind, each as :meth:`unit_view`."""
-        n = self.architecture.num_layers
-        per_site = {site: tensors[i * n : (i + 1) * n] for i, site in enumerate(self.sites)}
+        per_site, start = {}, 0
+        for site in self.sites:
+            stop = start + len(self.architecture.layers_with(site))
+            per_site[site], start = tensors[start:stop], stop
         return {kind: self.unit_view(kind, per_site[UNIT_KINDS[kind].site]) for kind in self.kinds}
 
     def _make_hook(self, site: str, layer: int):

@@ -75,6 +75,13 @@ class UnitStatistics:
     layer_grad_norm: Tensor
     magnitude_histogram: Tensor | None = None
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # One row per layer even with one layer (a hybrid's lone attention layer): torchmetrics
+        # squeezes one-element tensors in what compute() returns, field by field.
+        if name == "layer_grad_norm" and isinstance(value, Tensor):
+            value = value.reshape(-1)
+        super().__setattr__(name, value)
+
     def magnitude_threshold(self, layer: int, sparsity: float) -> float:
         """The magnitude under which a fraction ``sparsity`` of layer ``layer``'s units fell."""
         if self.magnitude_histogram is None:

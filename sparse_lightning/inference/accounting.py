@@ -33,9 +33,10 @@ def decode_bytes_skipped(realized: dict[str, float], architecture: ResolvedArchi
     skips: a dropped channel's weights in every projection that reads it (heads and neurons:
     their columns of o and down, not the rows of the projections that made them)."""
     skipped = sum(
-        ratio * architecture.site_macs(UNIT_KINDS[kind].site) for kind, ratio in realized.items()
+        ratio * architecture.site_macs_all_layers(UNIT_KINDS[kind].site)
+        for kind, ratio in realized.items()
     )
-    return architecture.num_layers * skipped / architecture.linear_macs()
+    return skipped / architecture.linear_macs()
 
 
 def sparsity_report(
@@ -55,9 +56,9 @@ def sparsity_report(
         ratio = realized.get(name, 0.0)
         report[kind.ratio_key] = ratio
         paper += kind.paper_weight * ratio
-        skipped += ratio * architecture.units(name) * macs[name]
+        skipped += ratio * architecture.depth(name) * architecture.units(name) * macs[name]
     report["paper_sparsity"] = paper
-    report["linear_macs_skippable"] = architecture.num_layers * skipped / macs["total"]
+    report["linear_macs_skippable"] = skipped / macs["total"]
     report["decode_bytes_skipped"] = decode_bytes_skipped(realized, architecture)
     report["decode_byte_bound"] = 1.0 / (1.0 - report["decode_bytes_skipped"])
     return report

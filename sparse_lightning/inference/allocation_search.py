@@ -80,6 +80,14 @@ def search_allocations(
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"methods must be among {METHODS}, got {sorted(unknown)}.")
+    partial = [k for k in CHANNEL_KINDS if architecture.depth(k) != architecture.num_layers]
+    if partial:
+        raise ValueError(
+            f"Measured allocations walk every decoder block through every channel kind, and "
+            f"{architecture.model_type} is hybrid: {partial[0]} is in "
+            f"{architecture.depth(partial[0])} of its {architecture.num_layers} layers. Use "
+            "allocation='uniform' (or levels per kind)."
+        )
     missing = statistics.kinds_missing(CHANNEL_KINDS)
     if missing:
         raise ValueError(

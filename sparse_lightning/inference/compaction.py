@@ -77,11 +77,11 @@ def _remove_neurons(
         )
     setattr(config, arch.spec.mlp_size, _even_count(masks, "MLP neurons"))
     width = masks.shape[-1]
-    for layer, mask in enumerate(masks):
+    for row, mask in enumerate(masks):
         keep = mask.nonzero().flatten()
         if arch.spec.fused_gate_up:  # gate rows, then the same up rows
             rows = torch.cat([keep, keep + width])
-        prefix = f"{arch.spec.layers}.{layer}."
+        prefix = f"{arch.spec.layers}.{arch.layer_of('mlp_out', row)}."
         for path in arch.spec.mlp_in:
             _slice_out(model, prefix + path, rows if arch.spec.fused_gate_up else keep, state)
         _slice_in(model, prefix + arch.spec.mlp_out, keep, state)
@@ -110,10 +110,10 @@ def _remove_heads(
             "stay valid; use static masks from SparseActivationModule (group-balanced)."
         )
     hd = fp.head_dim
-    for layer, mask in enumerate(masks):
+    for row, mask in enumerate(masks):
         keep_heads = mask.nonzero().flatten()
         rows = (keep_heads[:, None] * hd + torch.arange(hd)).flatten()
-        prefix = f"{arch.spec.layers}.{layer}."
+        prefix = f"{arch.spec.layers}.{arch.layer_of('attn_out', row)}."
         q, k, v = arch.spec.attn_in
         _slice_out(model, prefix + q, rows, state)
         if mha:  # with one query head per key/value head, they go together

@@ -50,6 +50,7 @@ from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.architectures.weights import input_rows, restore_layout, store_input_rows
 from sparse_lightning.inference.executor import Executor, Owner, restrict
 from sparse_lightning.selection import GateSelector
+from sparse_lightning.units import UNIT_KINDS
 
 #: Largest kept fraction at which the up projection's kept rows are gathered (see above).
 GATHER_UP_BELOW = 1 / 3
@@ -80,7 +81,7 @@ class GateExecutor(Executor):
                 f"{architecture.model_type} computes both in one projection "
                 f"({spec.mlp_in[0]}); use mode='dynamic' (the input-sparse kernel) instead."
             )
-        decoder_layer = architecture.layers[layer]
+        decoder_layer = architecture.layers[architecture.layer_of(UNIT_KINDS[kind].site, layer)]
         self.out_proj = decoder_layer.get_submodule(spec.mlp_out)
         self._relaid = store_input_rows(self.out_proj)
         if spec.mlp_gate_act is not None:

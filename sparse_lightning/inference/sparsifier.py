@@ -128,7 +128,7 @@ class Sparsifier:
         self.executors: list[Executor] = [
             EXECUTORS[selector.reads](self, architecture, kind, layer, selector)
             for kind, selector in self.selectors.items()
-            for layer in range(architecture.num_layers)
+            for layer in range(architecture.depth(kind))
         ]
         _INSTALLED[model] = self
 

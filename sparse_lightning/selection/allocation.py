@@ -90,7 +90,8 @@ def allocate(
 
 
 def _uniform(budget: float, architecture: ResolvedArchitecture) -> dict[str, Tensor]:
-    skippable = architecture.num_layers * sum(channel_bytes(architecture).values())
+    sizes = channel_bytes(architecture)
+    skippable = sum(architecture.depth(kind) * size for kind, size in sizes.items())
     level = budget * architecture.linear_macs() / skippable
     if level > MAX_LEVEL:
         reachable = MAX_LEVEL * skippable / architecture.linear_macs()
@@ -99,7 +100,7 @@ def _uniform(budget: float, architecture: ResolvedArchitecture) -> dict[str, Ten
             f"cap: the layers hold {skippable / architecture.linear_macs():.0%} of the bytes "
             f"streamed per token. Ask for at most {reachable:.2f}."
         )
-    return {kind: torch.full((architecture.num_layers,), level) for kind in CHANNEL_KINDS}
+    return {kind: torch.full((architecture.depth(kind),), level) for kind in CHANNEL_KINDS}
 
 
 def _interpolate(table: dict[str, Tensor], budget: float) -> dict[str, Tensor]:
