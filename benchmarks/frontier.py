@@ -80,7 +80,13 @@ def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
     return run_sweep(
-        module, data, settings, trainer=trainer, generation=False, multiple_choice=False
+        module,
+        data,
+        settings,
+        trainer=trainer,
+        generation=False,
+        multiple_choice=False,
+        perplexity=False,  # one forward per setting and batch instead of two
     )
 
 
@@ -115,6 +121,29 @@ def at_agreement(points: list[dict], target: float, key: str) -> float | None:
             t = (a - target) / (a - b)
             return low[key] + t * (high[key] - low[key])
     return None
+
+
+def table(result: dict) -> str:
+    """A markdown table of one model's points (speedups against the same runtime, dense)."""
+    lines = [
+        "| allocation | budget | top-1 | KL | bytes skipped | bound | eager | tuned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sorted(result["points"], key=lambda p: (p["allocation"], p["budget"])):
+        speeds = [f"{p[k]:.2f}x" if k in p else "-" for k in ("speedup_eager", "speedup_tuned")]
+        lines.append(
+            f"| {p['allocation']} | {p['budget']:.2f} | {p['top1_agreement']:.3f} | "
+            f"{p['kl']:.3f} | {p['decode_bytes_skipped']:.3f} | {p['byte_bound']:.2f}x | "
+            + " | ".join(speeds)
+            + " |"
+        )
+    dense = next(iter(result["points"]), {})
+    tokens = [
+        f"{runtime} {dense[f'dense_tokens_per_s_{runtime}']:.1f} tok/s"
+        for runtime in ("eager", "tuned")
+        if f"dense_tokens_per_s_{runtime}" in dense
+    ]
+    return "\n".join(lines) + (f"\n\nDense: {', '.join(tokens)}." if tokens else "")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -184,7 +213,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/frontier.png")
+    parser.add_argument(
+        "--report-only", action="store_true", help="print the tables and plot from --out; no run"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        report = json.loads(args.out.read_text())
+        plot(report, args.plot)
+        for result in report["models"].values():
+            print(f"\n{result['model']}\n\n{table(result)}")
+        return
     calib, evaluation = range(*args.calib), range(*args.eval)
     measured = tuple(a for a in args.allocations if a != "uniform")
     report: dict = {
@@ -248,7 +286,6 @@ def main() -> None:
             "checkpoint": str(path.relative_to(ROOT)),
             "calibration_rows": [calib.start, calib.stop],
             "evaluation_rows": [evaluation.start, evaluation.stop],
-            "dense_perplexity": rows[0].get("perplexity"),
             "allocations": args.allocations,
             "points": points,
             "at_top1_0.90": {
@@ -276,7 +313,8 @@ def main() -> None:
     plot(report, args.plot)
     print(f"plot -> {args.plot}")
     for result in report["models"].values():
-        print(f"\n{result['model']}: at top-1 0.90 -> {json.dumps(result['at_top1_0.90'])}")
+        print(f"\n{result['model']}\n\n{table(result)}")
+        print(f"at top-1 0.90 -> {json.dumps(result['at_top1_0.90'])}")
 
 
 if __name__ == "__main__":

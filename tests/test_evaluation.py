@@ -49,6 +49,23 @@ def test_dense_setting_agrees_with_itself_and_sparse_settings_differ(model_type)
     assert module.sparsifier is None  # the module is left as it was (dense)
 
 
+def test_perplexity_can_be_left_out_without_changing_the_other_metrics():
+    """perplexity=False drops the gold-answer forward, and only it."""
+    tokenizer = char_tokenizer()
+    dm = demo_data(tokenizer)
+    stats, module, _ = calibrate(char_model(), dm.val_dataloader(), targets="dense")
+    module.tokenizer, module.statistics = tokenizer, stats
+    settings = [SparsityConfig(), SparsityConfig(mlp=0.7, mode="dynamic")]
+    kept, left_out = (
+        run_sweep(module, dm, settings, trainer=quiet_trainer(), generation=False, perplexity=p)
+        for p in (True, False)
+    )
+    for with_it, without in zip(kept, left_out, strict=True):
+        assert "perplexity" in with_it and "perplexity" not in without
+        assert without["top1_agreement"] == with_it["top1_agreement"]
+        assert without["kl"] == pytest.approx(with_it["kl"], abs=1e-9)
+
+
 def test_gold_perplexity_equals_plain_model_math():
     tokenizer = char_tokenizer()
     dm = demo_data(tokenizer)

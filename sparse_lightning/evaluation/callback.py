@@ -47,6 +47,8 @@ class QAEvaluation(L.Callback):
             free generation and choices do not have.
         generation: greedy-answer metrics (BLEU vs dense, gold SacreBLEU/ROUGE/SQuAD).
         teacher_forced: top-1 agreement and KL vs dense, gold-answer perplexity.
+        perplexity: with ``teacher_forced``, also the gold-answer perplexity (one more forward
+            per setting and batch).
         multiple_choice: choice accuracy where examples have choices.
         choice_batch_size: sequences per forward when scoring choices.
 
@@ -62,12 +64,14 @@ class QAEvaluation(L.Callback):
         teacher_forced: bool = True,
         multiple_choice: bool = True,
         choice_batch_size: int = 16,
+        perplexity: bool = True,
     ) -> None:
         if not settings:
             raise ValueError("QAEvaluation needs at least one sparsity setting.")
         self.settings = list(settings)
         self.generation = generation
         self.teacher_forced = teacher_forced
+        self.perplexity = perplexity
         self.multiple_choice = multiple_choice
         self.choice_batch_size = choice_batch_size
         self.metrics = torch.nn.ModuleList(QAMetrics() for _ in self.settings)
@@ -131,7 +135,8 @@ class QAEvaluation(L.Callback):
                     input_ids=dense_tf.input_ids, attention_mask=dense_tf.attention_mask
                 ).logits
             reference["logits"] = logits[dense_tf.predict_mask]
-            reference["gold"] = module.prepare_batch(batch, targets="reference")
+            if self.perplexity:
+                reference["gold"] = module.prepare_batch(batch, targets="reference")
         return reference
 
     def evaluate_setting(
@@ -148,8 +153,9 @@ class QAEvaluation(L.Callback):
             tf: TeacherForcedBatch = reference["tf"]
             logits = module.sparse_logits(tf)
             metrics.update_teacher_forced(reference["logits"], logits[tf.predict_mask])
-            gold: TeacherForcedBatch = reference["gold"]
-            metrics.update_perplexity(module.sparse_logits(gold), gold.labels)
+            if self.perplexity:
+                gold: TeacherForcedBatch = reference["gold"]
+                metrics.update_perplexity(module.sparse_logits(gold), gold.labels)
         if self.generation and not per_batch:
             answers, mask = module.generate_answers(
                 batch["prompt_input_ids"], batch["prompt_attention_mask"]
