@@ -130,7 +130,9 @@ def main() -> None:
         units = module.dense_units_and_gradients(batch) if needs_oracle else None
         for setting in chosen:
             label, mode, metric, mlp, heads = setting
-            module.set_sparsity(mlp=mlp, heads=heads, mode=mode, metric=metric)
+            # phase="all": the protocol masks every position (the default, "decode", would
+            # leave these multi-token forwards dense as prompts)
+            module.set_sparsity(mlp=mlp, heads=heads, mode=mode, metric=metric, phase="all")
             module.prepare_masks(batch, units)
             with torch.no_grad():
                 logits = module.model(
