@@ -163,6 +163,11 @@ def shared_sites(kinds: Iterable[str]) -> dict[str, list[str]]:
     return {site: names for site, names in by_site.items() if len(names) > 1}
 
 
+def unit_kind(name: str) -> UnitKind:
+    """The kind named ``name``; a clear error for an unknown name (see :func:`check_kinds`)."""
+    return UNIT_KINDS[check_kinds([name])[0]]
+
+
 def check_kinds(kinds: Iterable[str], what: str = "units") -> tuple[str, ...]:
     """``kinds`` in table order; a clear error for an unknown or empty selection.
 

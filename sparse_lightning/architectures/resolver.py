@@ -18,14 +18,14 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
 from sparse_lightning.architectures.overrides import ARCHITECTURES, ArchitectureSpec
 from sparse_lightning.architectures.plans import PlanError, experts, spec_from_plans, text_config
 from sparse_lightning.architectures.weights import in_features, is_transposed, out_features
-from sparse_lightning.units import SITES, UNIT_KINDS, check_kinds
+from sparse_lightning.units import SITES, unit_kind
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -59,13 +59,13 @@ class ResolvedArchitecture:
     fingerprint: Fingerprint
     layers: tuple[nn.Module, ...]
     hidden_size: int
-    #: Multiply-adds per token of the output (vocabulary) projection: streamed at every decode
-    #: step like the layers' weights, and never skipped.
-    output_macs: int = 0
     #: site -> the decoder layers that have it: every layer, except in hybrid models whose
     #: convolution or linear-attention layers have no attention site. Per-layer tables of a
     #: unit kind (statistics, levels, selectors) have one row per layer listed here.
-    site_layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    site_layers: dict[str, tuple[int, ...]]
+    #: Multiply-adds per token of the output (vocabulary) projection: streamed at every decode
+    #: step like the layers' weights, and never skipped.
+    output_macs: int = 0
 
     @property
     def model_type(self) -> str:
@@ -89,11 +89,11 @@ class ResolvedArchitecture:
 
     def layers_with(self, site: str) -> tuple[int, ...]:
         """The decoder layers that have ``site`` (all of them unless the model is hybrid)."""
-        return self.site_layers.get(site, tuple(range(self.num_layers)))
+        return self.site_layers[site]
 
     def depth(self, kind: str) -> int:
         """Rows of a per-layer table of ``kind``: the layers that have its site."""
-        return len(self.layers_with(UNIT_KINDS[check_kinds([kind])[0]].site))
+        return len(self.layers_with(unit_kind(kind).site))
 
     def layer_of(self, site: str, row: int) -> int:
         """The decoder layer of row ``row`` of a per-layer table at ``site``."""
@@ -130,12 +130,12 @@ class ResolvedArchitecture:
 
     def out_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """Per layer, the projection whose input holds the units of ``kind``."""
-        site = UNIT_KINDS[check_kinds([kind])[0]].site
+        site = unit_kind(kind).site
         return tuple(self.site_modules(site, row)[0] for row in range(self.depth(kind)))
 
     def unit_width(self, kind: str) -> int:
         """Features per unit at the projection input: 1, or ``head_dim`` for a head."""
-        return self.head_dim if UNIT_KINDS[check_kinds([kind])[0]].per_head else 1
+        return self.head_dim if unit_kind(kind).per_head else 1
 
     def units(self, kind: str) -> int:
         """Units per layer of ``kind``."""

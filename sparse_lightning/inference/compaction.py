@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from sparse_lightning.architectures import ResolvedArchitecture, resolve
 from sparse_lightning.architectures.weights import slice_inputs, slice_outputs
-from sparse_lightning.units import UNIT_KINDS, check_kinds
+from sparse_lightning.units import UNIT_KINDS, unit_kind
 
 
 def compact(model: PreTrainedModel, masks: dict[str, Tensor]) -> PreTrainedModel:
@@ -40,7 +40,7 @@ def compact(model: PreTrainedModel, masks: dict[str, Tensor]) -> PreTrainedModel
     config = copy.deepcopy(model.config)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for kind, kind_masks in masks.items():
-        unit = UNIT_KINDS[check_kinds([kind])[0]]
+        unit = unit_kind(kind)
         if not unit.removable:
             raise ValueError(
                 f"Compaction removes whole units; {unit.label} ({kind}) cannot be removed "
