@@ -92,8 +92,9 @@ class EvaluationOptions:
         levels: unit kind -> the sparsity levels to try (every combination is evaluated;
             kinds left out stay dense).
         budgets: shares of the decode weight bytes to skip (``mode="dynamic"``, the kernel).
-        allocations: how each budget spreads (``uniform``; ``greedy`` and ``attribution``
-            need ``calibration.allocations``).
+        allocations: how each budget spreads (``auto``: the best measured table the
+            checkpoint holds, else uniform; ``uniform``; ``greedy`` and ``attribution`` need
+            ``calibration.allocations``).
         metric: ranking metric of ``static`` and ``oracle``.
         generation: greedy-answer metrics (BLEU vs dense, SacreBLEU/ROUGE/SQuAD vs gold).
         teacher_forced: top-1 agreement, KL vs dense, gold perplexity.
@@ -107,7 +108,7 @@ class EvaluationOptions:
     modes: list[str] = field(default_factory=lambda: ["magnitude", "dynamic", "static"])
     levels: dict[str, list[float]] = field(default_factory=lambda: {"mlp": [0.5, 0.7, 0.9]})
     budgets: list[float] = field(default_factory=list)
-    allocations: list[str] = field(default_factory=lambda: ["uniform"])
+    allocations: list[str] = field(default_factory=lambda: ["auto"])
     metric: str = "corrected_gxo"
     generation: bool = True
     teacher_forced: bool = True

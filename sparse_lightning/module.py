@@ -160,8 +160,10 @@ class SparseActivationModule(L.LightningModule):
                 dense and decode steps sparse, as the paper and TEAL do; ``"all"``: every token.
             budget: instead of levels for the channel kinds, the share of the weight bytes
                 streamed per decode token to skip (``mode="dynamic"``).
-            allocation: how a budget spreads over kinds and layers: ``"uniform"`` (default),
-                ``"greedy"`` (TEAL) or ``"attribution"``; the last two need a measured table.
+            allocation: how a budget spreads over kinds and layers: ``"auto"`` (default: the
+                measured table the checkpoint holds, greedy first, else uniform),
+                ``"uniform"``, ``"greedy"`` (TEAL) or ``"attribution"``; the last two need a
+                measured table.
             **levels: a level per unit kind, e.g. ``mlp=0.7, heads=0.0``.
 
         Example:

@@ -92,7 +92,9 @@ def test_bad_budgets_and_allocations_are_clear_errors(searched, tmp_path):
     with pytest.raises(TypeError, match="budget must be a number"):
         module.set_sparsity(budget="0.3")
     with pytest.raises(ValueError, match="cap"):
-        module.set_sparsity(budget=0.95)
+        module.set_sparsity(budget=0.95, allocation="uniform")
+    with pytest.raises(ValueError, match="beyond the greedy allocation table"):
+        module.set_sparsity(budget=0.95)  # auto: greedy, whose table stops below
     with pytest.raises(ValueError, match="allocation must be one of"):
         module.set_sparsity(budget=0.2, allocation="best")
     with pytest.raises(ValueError, match="drop the levels"):
@@ -108,7 +110,31 @@ def test_bad_budgets_and_allocations_are_clear_errors(searched, tmp_path):
     other = SparseActivationModule.from_pretrained(tiny_model("llama"), plain.checkpoint_path)
     with pytest.raises(ValueError, match="allocations="):
         other.set_sparsity(budget=0.2, allocation="greedy")
-    other.set_sparsity(budget=0.2)  # uniform needs no table
+    other.set_sparsity(budget=0.2)  # the default, auto, falls back to uniform: no table needed
+    uniform = allocate(0.2, "uniform", other.architecture, None)
+    for kind, selector in other.sparsifier.selectors.items():
+        stats = other.statistics[kind]
+        level = float(uniform[kind][0])
+        assert selector.thresholds.tolist() == pytest.approx(
+            [stats.magnitude_threshold(i, level) for i in range(2)]
+        )
+
+
+def test_the_default_allocation_is_the_measured_winner_when_the_checkpoint_has_it(searched):
+    """``auto`` (the default) spreads a budget as greedy does when its table is there (the
+    held-out winner), as attribution does when only that one is, else uniformly."""
+    module = SparseActivationModule.from_pretrained(tiny_model("llama"), searched, budget=0.3)
+    assert module.sparsity.allocation == "auto"
+    greedy = allocate(0.3, "greedy", module.architecture, module.statistics)
+    for kind, selector in module.sparsifier.selectors.items():
+        stats = module.statistics[kind]
+        expected = [stats.magnitude_threshold(i, float(greedy[kind][i])) for i in range(2)]
+        assert selector.thresholds.tolist() == pytest.approx(expected)
+    del module.statistics.allocations["greedy"]
+    auto = allocate(0.3, "auto", module.architecture, module.statistics)
+    attribution = allocate(0.3, "attribution", module.architecture, module.statistics)
+    assert all(torch.equal(auto[k], attribution[k]) for k in CHANNEL_KINDS)
+    assert not all(torch.equal(auto[k], greedy[k]) for k in CHANNEL_KINDS)
 
 
 def test_an_older_checkpoint_still_loads_and_names_the_kinds_it_lacks(tmp_path):

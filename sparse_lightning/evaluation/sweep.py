@@ -36,7 +36,7 @@ def sweep_settings(
     levels: Mapping[str, Sequence[float]] | None = None,
     metric: str = "corrected_gxo",
     budgets: Sequence[float] = (),
-    allocations: Sequence[str] = ("uniform",),
+    allocations: Sequence[str] = ("auto",),
     **per_kind: Sequence[float],
 ) -> list[SparsityConfig]:
     """The dense model first, then every mode at every combination of levels but all-zero,

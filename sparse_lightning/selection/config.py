@@ -81,7 +81,8 @@ class SparsityConfig:
             streamed per decode token to skip, spread over kinds and layers by
             ``allocation`` (see :mod:`~sparse_lightning.selection.allocation`); needs
             ``mode="dynamic"``.
-        allocation: ``"uniform"`` (default), ``"greedy"`` (TEAL) or ``"attribution"``.
+        allocation: ``"auto"`` (default: the measured table the checkpoint holds, greedy
+            first, else uniform), ``"uniform"``, ``"greedy"`` (TEAL) or ``"attribution"``.
         **per_kind: levels as keywords (``mlp=0.5, heads=0.25``), merged into ``levels``.
 
     Raises:
@@ -99,7 +100,7 @@ class SparsityConfig:
         metric: str = "corrected_gxo",
         phase: str = "decode",
         budget: float | None = None,
-        allocation: str = "uniform",
+        allocation: str = "auto",
         **per_kind: float,
     ) -> None:
         given = {**dict(levels or {}), **per_kind}
