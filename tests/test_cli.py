@@ -95,6 +95,17 @@ def test_every_shipped_recipe_parses(recipe):
     assert config.sweep.data.calibration_rows and config.sweep.evaluation.modes
 
 
+def test_a_model_folder_under_home_can_be_named_with_a_tilde(tiny_folder, monkeypatch):
+    """Recipes name the converted Qwen folder as ~/.cache/...: the loader expands ``~``."""
+    from sparse_lightning.models import load_model
+
+    monkeypatch.setenv("HOME", str(tiny_folder.parent))
+    model, _ = load_model(f"~/{tiny_folder.name}")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    ids = torch.tensor([[3, 5, 7]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
 def test_unknown_recipe_key_names_the_key_the_file_and_the_fix(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("data:\n  batch_sise: 4\n")

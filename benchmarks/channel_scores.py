@@ -1,0 +1,164 @@
+"""Does a weight-aware channel score keep more fidelity than magnitude at equal bytes?
+
+TEAL keeps an input channel ``j`` of a linear layer when ``|x_j|`` is large; WINA (Chen et al.
+2025) when ``|x_j| * ||W[:, j]||`` is, the channel's contribution to the output bound. Both are
+run here at *equal bytes*: each token keeps exactly the same number of channels at every site
+(per-token top-k, one level for every channel kind and layer, so neither score gets a byte more
+than the other), with the prompt dense and the answer's tokens sparse as decoding runs them,
+on the dense model's own greedy answers to TruthfulQA questions (from 0, not used for
+calibration). A second table sparsifies only the input of the output projection (lm_head),
+the one linear layer the channel kinds leave dense.
+
+    python benchmarks/channel_scores.py [--model smollm2|qwen] [--questions 24]
+
+Prints the tables and writes benchmarks/results/channel_scores[_qwen].json (with machine info).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import TRUTHFULQA, machine_info, save_report  # noqa: E402
+from benchmarks.selection_quality import MODELS  # noqa: E402
+from sparse_lightning import QACollator, SparseActivationModule, load_truthfulqa  # noqa: E402
+from sparse_lightning.selection.allocation import CHANNEL_KINDS  # noqa: E402
+from sparse_lightning.units import UNIT_KINDS  # noqa: E402
+
+SCORES = ("magnitude", "wina")
+
+
+class TopK:
+    """Per-token top-k masking at the inputs of projections, by one of :data:`SCORES`."""
+
+    def __init__(self) -> None:
+        self.level, self.score, self.positions = 0.0, "magnitude", None
+        self.handles: list = []
+
+    def attach(self, projections: tuple[torch.nn.Module, ...]) -> None:
+        # One column norm over every projection reading the input: the fused row the kernel
+        # reads for channel j holds all of them.
+        norms = torch.cat([p.weight for p in projections]).norm(dim=0).detach()
+        for projection in projections:
+            self.handles.append(projection.register_forward_pre_hook(self._hook(norms)))
+
+    def _hook(self, norms: Tensor):
+        def mask(module, args):
+            x = args[0]
+            if self.level <= 0:
+                return None
+            score = x.abs() * norms if self.score == "wina" else x.abs()
+            kept = round(x.shape[-1] * (1 - self.level))
+            keep = torch.zeros_like(x, dtype=torch.bool)
+            keep.scatter_(-1, score.topk(kept, dim=-1).indices, True)
+            keep |= ~self.positions.unsqueeze(-1)  # the prompt stays dense
+            return (x * keep, *args[1:])
+
+        return mask
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def agreement(model, batches, dense, masker: TopK) -> tuple[float, float]:
+    """Top-1 agreement and KL(dense || sparse) over the answer-predicting positions."""
+    agree = kl = tokens = 0.0
+    with torch.no_grad():
+        for batch, reference in zip(batches, dense, strict=True):
+            masker.positions = batch.labels != -100
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logp = torch.log_softmax(logits[batch.predict_mask].float(), -1)
+            agree += float((logp.argmax(-1) == reference.argmax(-1)).sum())
+            kl += float((reference.exp() * (reference - logp)).sum())
+            tokens += reference.shape[0]
+    return agree / tokens, kl / tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
+    parser.add_argument("--questions", type=int, default=24, help="TruthfulQA rows from 0")
+    parser.add_argument("--levels", nargs="+", type=float, default=[0.25, 0.35])
+    parser.add_argument("--lm-head-levels", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    suffix = "" if args.model == "smollm2" else f"_{args.model}"
+    out = args.out or ROOT / "benchmarks" / "results" / f"channel_scores{suffix}.json"
+    started = time.time()
+    name, load = MODELS[args.model]
+    model, tokenizer = load()
+    module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
+    questions = load_truthfulqa(TRUTHFULQA, rows=range(args.questions))
+    loader = DataLoader(questions, batch_size=8, collate_fn=QACollator(tokenizer))
+    batches = [module.prepare_batch(raw) for raw in loader]  # the dense greedy answers
+    with torch.no_grad():
+        dense = [
+            torch.log_softmax(
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                .logits[b.predict_mask]
+                .float(),
+                -1,
+            )
+            for b in batches
+        ]
+    architecture = module.architecture
+    rows = []
+    for where, levels in (("channel kinds", args.levels), ("lm_head", args.lm_head_levels)):
+        masker = TopK()
+        if where == "lm_head":
+            masker.attach((model.get_output_embeddings(),))
+        else:
+            for kind in CHANNEL_KINDS:
+                site = UNIT_KINDS[kind].site
+                for row in range(architecture.depth(kind)):
+                    masker.attach(architecture.site_modules(site, row))
+        for level in levels:
+            for score in SCORES:
+                masker.level, masker.score = level, score
+                top1, kl = agreement(model, batches, dense, masker)
+                rows.append(
+                    {
+                        "sparsified": where,
+                        "level": level,
+                        "score": score,
+                        "top1_agreement": top1,
+                        "kl": kl,
+                    }
+                )
+                print(
+                    f"{where:13} level {level:.2f} {score:9} top-1 {top1:.3f} KL {kl:.3f}",
+                    flush=True,
+                )
+        masker.detach()
+    save_report(
+        {
+            "benchmark": "channel_scores",
+            "model": name,
+            "evaluation": f"TruthfulQA rows 0-{args.questions - 1}, dense greedy answers "
+            "teacher-forced, prompt dense",
+            "answer_tokens": int(sum(d.shape[0] for d in dense)),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine_info(),
+            "seconds": time.time() - started,
+            "results": rows,
+        },
+        out,
+    )
+
+
+if __name__ == "__main__":
+    main()
