@@ -6,6 +6,7 @@ settings costs ten sparse passes plus one dense one, not twenty.
 
 Example:
     >>> from sparse_lightning.selection import SparsityConfig
+from sparse_lightning.selection.allocation import resolve_allocation
     >>> evaluation = QAEvaluation([SparsityConfig(), SparsityConfig(mlp=0.5)])
     >>> trainer = L.Trainer(callbacks=[evaluation])  # doctest: +SKIP
     >>> trainer.test(module, datamodule=dm)  # doctest: +SKIP
@@ -27,6 +28,7 @@ from sparse_lightning.evaluation.functional import sequence_log_likelihood
 from sparse_lightning.evaluation.metrics import QAMetrics
 from sparse_lightning.module import SparseActivationModule
 from sparse_lightning.selection import SparsityConfig
+from sparse_lightning.selection.allocation import resolve_allocation
 from sparse_lightning.units import UNIT_KINDS
 
 #: Realized-sparsity keys averaged into every result row (as ``realized_<key>``).
@@ -107,17 +109,19 @@ class QAEvaluation(L.Callback):
         pl_module.disable_sparsity()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert isinstance(pl_module, SparseActivationModule)
         self.results = []
         for setting, metrics, realized in zip(
             self.settings, self.metrics, self.realized, strict=True
         ):
             row: dict[str, Any] = setting.as_dict()
+            if setting.budget:  # the method that ran ("auto" names one of the others)
+                row["allocation"] = resolve_allocation(setting.allocation, pl_module.statistics)
             row.update(metrics.compute())
             for key in REALIZED_KEYS:
                 row[f"realized_{key}"] = sum(r[key] for r in realized) / max(1, len(realized))
             row["activation_ratio"] = 1.0 - row["realized_paper_sparsity"]
             self.results.append(row)
-        assert isinstance(pl_module, SparseActivationModule)
         if not self._restore.is_dense:
             pl_module.set_sparsity(self._restore)
 
