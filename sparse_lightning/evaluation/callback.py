@@ -6,7 +6,6 @@ settings costs ten sparse passes plus one dense one, not twenty.
 
 Example:
     >>> from sparse_lightning.selection import SparsityConfig
-from sparse_lightning.selection.allocation import resolve_allocation
     >>> evaluation = QAEvaluation([SparsityConfig(), SparsityConfig(mlp=0.5)])
     >>> trainer = L.Trainer(callbacks=[evaluation])  # doctest: +SKIP
     >>> trainer.test(module, datamodule=dm)  # doctest: +SKIP
