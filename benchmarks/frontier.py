@@ -242,7 +242,15 @@ def main() -> None:
         started = time.time()
         model, tokenizer = load()
         path = ROOT / "checkpoints" / f"{key}-frontier-{calib.start}-{calib.stop}.safetensors"
-        calibrated_checkpoint(model, tokenizer, calib, path, args.batch_size, allocations=measured)
+        calibrated_checkpoint(
+            model,
+            tokenizer,
+            calib,
+            path,
+            args.batch_size,
+            allocations=measured,
+            allocation_batches=args.allocation_batches,
+        )
         calibrated = time.time()
         module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
         settings = [
