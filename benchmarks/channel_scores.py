@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import TRUTHFULQA, machine_info, save_report  # noqa: E402
 from benchmarks.selection_quality import MODELS  # noqa: E402
 from sparse_lightning import QACollator, SparseActivationModule, load_truthfulqa  # noqa: E402
+from sparse_lightning.data.teacher_forcing import IGNORE  # noqa: E402
 from sparse_lightning.selection.allocation import CHANNEL_KINDS  # noqa: E402
+from sparse_lightning.selection.selectors import kept_count, top_k_mask  # noqa: E402
 from sparse_lightning.units import UNIT_KINDS  # noqa: E402
 
 SCORES = ("magnitude", "wina")
@@ -60,9 +62,7 @@ class TopK:
             if self.level <= 0:
                 return None
             score = x.abs() * norms if self.score == "wina" else x.abs()
-            kept = round(x.shape[-1] * (1 - self.level))
-            keep = torch.zeros_like(x, dtype=torch.bool)
-            keep.scatter_(-1, score.topk(kept, dim=-1).indices, True)
+            keep = top_k_mask(score, kept_count(x.shape[-1], self.level))
             keep |= ~self.positions.unsqueeze(-1)  # the prompt stays dense
             return (x * keep, *args[1:])
 
@@ -74,17 +74,22 @@ class TopK:
         self.handles.clear()
 
 
+def answer_log_probs(model, batch) -> Tensor:
+    """Log-probabilities at the answer-predicting positions of a teacher-forced batch."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return torch.log_softmax(logits[batch.predict_mask].float(), -1)
+
+
 def agreement(model, batches, dense, masker: TopK) -> tuple[float, float]:
     """Top-1 agreement and KL(dense || sparse) over the answer-predicting positions."""
     agree = kl = tokens = 0.0
-    with torch.no_grad():
-        for batch, reference in zip(batches, dense, strict=True):
-            masker.positions = batch.labels != -100
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logp = torch.log_softmax(logits[batch.predict_mask].float(), -1)
-            agree += float((logp.argmax(-1) == reference.argmax(-1)).sum())
-            kl += float((reference.exp() * (reference - logp)).sum())
-            tokens += reference.shape[0]
+    for batch, reference in zip(batches, dense, strict=True):
+        masker.positions = batch.labels != IGNORE
+        logp = answer_log_probs(model, batch)
+        agree += float((logp.argmax(-1) == reference.argmax(-1)).sum())
+        kl += float((reference.exp() * (reference - logp)).sum())
+        tokens += reference.shape[0]
     return agree / tokens, kl / tokens
 
 
@@ -105,16 +110,7 @@ def main() -> None:
     questions = load_truthfulqa(TRUTHFULQA, rows=range(args.questions))
     loader = DataLoader(questions, batch_size=8, collate_fn=QACollator(tokenizer))
     batches = [module.prepare_batch(raw) for raw in loader]  # the dense greedy answers
-    with torch.no_grad():
-        dense = [
-            torch.log_softmax(
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-                .logits[b.predict_mask]
-                .float(),
-                -1,
-            )
-            for b in batches
-        ]
+    dense = [answer_log_probs(model, b) for b in batches]
     architecture = module.architecture
     rows = []
     for where, levels in (("channel kinds", args.levels), ("lm_head", args.lm_head_levels)):

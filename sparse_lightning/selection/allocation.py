@@ -95,6 +95,13 @@ def allocate(
     return _interpolate(table, budget, method)
 
 
+def check_allocation(method: object) -> str:
+    """``method`` if it is one of :data:`ALLOCATIONS`; else a clear error."""
+    if method not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {method!r}.")
+    return method  # type: ignore[return-value]
+
+
 def resolve_allocation(method: str, statistics: Statistics | None) -> str:
     """The method ``method`` names: itself, or for ``"auto"`` the first of
     :data:`AUTO_ORDER` whose table ``statistics`` holds.
@@ -102,9 +109,7 @@ def resolve_allocation(method: str, statistics: Statistics | None) -> str:
     Raises:
         ValueError: an unknown method.
     """
-    if method not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {method!r}.")
-    if method != "auto":
+    if check_allocation(method) != "auto":
         return method
     tables = {} if statistics is None else statistics.allocations
     return next(m for m in AUTO_ORDER if m == "uniform" or m in tables)

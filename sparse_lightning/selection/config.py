@@ -21,9 +21,9 @@ from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.attribution.functional import check_metric
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.selection.allocation import (
-    ALLOCATIONS,
     CHANNEL_KINDS,
     allocate,
+    check_allocation,
     check_budget,
 )
 from sparse_lightning.selection.modes import MODES, PHASES, SelectionRequest, check_mode
@@ -121,8 +121,7 @@ class SparsityConfig:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
         object.__setattr__(self, "phase", phase)
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+        check_allocation(allocation)
         if budget is not None:
             budget = check_budget(budget)
             named = [k for k in (*CHANNEL_KINDS, "heads") if checked.get(k)]
