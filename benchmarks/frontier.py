@@ -20,6 +20,13 @@ docs/frontier.png (top-1 agreement against tuned speedup, one line per allocatio
 
     python benchmarks/frontier.py [--models smollm2 qwen] [--budgets 0.1 0.2 0.3 0.4 0.5]
         [--allocations uniform greedy attribution] [--runtimes eager tuned] [--repeats 5]
+        [--resume]
+
+The fidelity points are saved before the speed stage starts and each speed as it is measured;
+``--resume`` reuses them (same checkpoint and rows) and measures only what is missing. Each
+tuned setting's frozen graph holds about one copy of the weights, which Dynamo keeps (even
+``torch._dynamo.reset()`` did not return it): Qwen 0.5B fills 23 GB after about ten settings,
+so its run is resumed in a fresh process.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -90,22 +98,56 @@ def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch
     )
 
 
-def speeds(module, dense, prompt, settings, runtime: str, new_tokens: int, repeats: int):
-    """Decode tokens/s of each setting against the dense copy, in one runtime."""
+def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) -> list[dict]:
+    """The fidelity stage: one point per setting, printed as it is measured."""
+    rows = fidelity(
+        module, tokenizer, [SparsityConfig(), *settings], calib, evaluation, args.batch_size
+    )
+    points = []
+    for setting, row in zip(settings, rows[1:], strict=True):
+        skipped = row["realized_decode_bytes_skipped"]
+        points.append(
+            {
+                "allocation": setting.allocation,
+                "budget": setting.budget,
+                "top1_agreement": row["top1_agreement"],
+                "kl": row["kl"],
+                "decode_bytes_skipped": skipped,
+                "byte_bound": 1.0 / (1.0 - skipped),
+            }
+        )
+        print(
+            f"{name} {label(setting)}: top-1 {row['top1_agreement']:.3f} KL {row['kl']:.3f} "
+            f"bytes skipped {skipped:.3f} (bound {1 / (1 - skipped):.2f}x)",
+            flush=True,
+        )
+    return points
+
+
+def measured_fidelity(saved: dict | None, result: dict, settings) -> list[dict] | None:
+    """``--resume``: the saved run's points, with the speeds it measured, when it measured these
+    settings on the same checkpoint and rows; ``None`` otherwise."""
+    same = ("model", "checkpoint", "calibration_rows", "evaluation_rows")
+    if saved is None or any(saved.get(k) != result[k] for k in same):
+        return None
+    wanted = [(s.allocation, s.budget) for s in settings]
+    points = {(p["allocation"], p["budget"]): p for p in saved.get("points", [])}
+    if not all(w in points for w in wanted):
+        return None
+    print("--resume: fidelity (and any speeds) from the saved run")
+    return [dict(points[w]) for w in wanted]
+
+
+def speed(module, baseline, prompt, setting, runtime: str, new_tokens: int, repeats: int):
+    """Decode tokens/s of one setting against the dense ``baseline`` closure, in one runtime."""
     make = tuned_decode if runtime == "tuned" else greedy_decode
-    baseline = make(dense, prompt, new_tokens)
-    out = []
-    for setting in settings:
-        module.set_sparsity(setting)
-        candidate = make(module.model, prompt, new_tokens)
-        started = time.time()
-        candidate()  # compiles (tuned) or warms up
-        speed = decode_speed(paired_ratio(baseline, candidate, repeats), new_tokens)
-        speed["seconds"] = round(time.time() - started, 1)
-        out.append(speed)
-        print(f"  {runtime} {label(setting)}: {speed['speedup']:.2f}x", flush=True)
-    module.disable_sparsity()
-    return out
+    module.set_sparsity(setting)
+    candidate = make(module.model, prompt, new_tokens)
+    started = time.time()
+    result = decode_speed(paired_ratio(baseline, candidate, repeats), new_tokens)
+    result["seconds"] = round(time.time() - started, 1)
+    print(f"  {runtime} {label(setting)}: {result['speedup']:.2f}x", flush=True)
+    return result
 
 
 def label(setting: SparsityConfig) -> str:
@@ -216,6 +258,11 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="print the tables and plot from --out; no run"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the fidelity points saved in --out for the same checkpoint and settings",
+    )
     args = parser.parse_args()
     if args.report_only:
         report = json.loads(args.out.read_text())
@@ -256,45 +303,45 @@ def main() -> None:
         settings = [
             SparsityConfig(budget=b, allocation=a) for a in args.allocations for b in args.budgets
         ]
-        rows = fidelity(
-            module, tokenizer, [SparsityConfig(), *settings], calib, evaluation, args.batch_size
-        )
-        points = []
-        for setting, row in zip(settings, rows[1:], strict=True):
-            skipped = row["realized_decode_bytes_skipped"]
-            points.append(
-                {
-                    "allocation": setting.allocation,
-                    "budget": setting.budget,
-                    "top1_agreement": row["top1_agreement"],
-                    "kl": row["kl"],
-                    "decode_bytes_skipped": skipped,
-                    "byte_bound": 1.0 / (1.0 - skipped),
-                }
-            )
-            print(
-                f"{name} {label(setting)}: top-1 {row['top1_agreement']:.3f} KL {row['kl']:.3f} "
-                f"bytes skipped {skipped:.3f} (bound {1 / (1 - skipped):.2f}x)",
-                flush=True,
-            )
-        evaluated = time.time()
-        dense = copy.deepcopy(model)  # a separate plain model: nothing switches in timed runs
-        prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-        for runtime in args.runtimes:
-            for point, speed in zip(
-                points,
-                speeds(module, dense, prompt, settings, runtime, args.new_tokens, args.repeats),
-                strict=True,
-            ):
-                point[f"speedup_{runtime}"] = speed["speedup"]
-                point[f"tokens_per_s_{runtime}"] = speed["tokens_per_s"]
-                point[f"dense_tokens_per_s_{runtime}"] = speed["dense_tokens_per_s"]
-        report["models"][key] = {
+        result = {
             "model": name,
             "checkpoint": str(path.relative_to(ROOT)),
             "calibration_rows": [calib.start, calib.stop],
             "evaluation_rows": [evaluation.start, evaluation.stop],
             "allocations": args.allocations,
+        }
+        points = (
+            measured_fidelity(report["models"].get(key), result, settings) if args.resume else None
+        )
+        if points is not None:
+            result["fidelity_source"] = report["models"][key].get("fidelity_source", "--resume")
+        else:
+            points = fidelity_points(module, tokenizer, settings, calib, evaluation, args, name)
+        report["models"][key] = result | {"points": points}
+        save_report(report, args.out)  # fidelity is kept should the speed stage fail
+        evaluated = time.time()
+        dense = copy.deepcopy(model)  # a separate plain model: nothing switches in timed runs
+        prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+        for runtime in args.runtimes:
+            todo = [
+                (s, p)
+                for s, p in zip(settings, points, strict=True)
+                if f"speedup_{runtime}" not in p
+            ]
+            if not todo:
+                continue
+            make = tuned_decode if runtime == "tuned" else greedy_decode
+            baseline = make(dense, prompt, args.new_tokens)
+            for setting, point in todo:
+                measured = speed(
+                    module, baseline, prompt, setting, runtime, args.new_tokens, args.repeats
+                )
+                point[f"speedup_{runtime}"] = measured["speedup"]
+                point[f"tokens_per_s_{runtime}"] = measured["tokens_per_s"]
+                point[f"dense_tokens_per_s_{runtime}"] = measured["dense_tokens_per_s"]
+                save_report(report, args.out)  # each point as measured: a stopped run resumes
+            module.disable_sparsity()
+        report["models"][key] = result | {
             "points": points,
             "at_top1_0.90": {
                 a: {
