@@ -42,7 +42,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -70,6 +69,8 @@ MODELS = {
     "qwen": ("Qwen2.5-Coder-0.5B-Instruct", load_qwen),
 }
 PROMPT = "Explain in a few sentences why the sky is blue."
+#: runtime -> the decode closure maker that times it
+DECODES = {"eager": greedy_decode, "tuned": tuned_decode}
 
 
 def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch_size: int):
@@ -124,7 +125,7 @@ def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) 
     return points
 
 
-def measured_fidelity(saved: dict | None, result: dict, settings) -> list[dict] | None:
+def saved_points(saved: dict | None, result: dict, settings) -> list[dict] | None:
     """``--resume``: the saved run's points, with the speeds it measured, when it measured these
     settings on the same checkpoint and rows; ``None`` otherwise."""
     same = ("model", "checkpoint", "calibration_rows", "evaluation_rows")
@@ -140,9 +141,8 @@ def measured_fidelity(saved: dict | None, result: dict, settings) -> list[dict] 
 
 def speed(module, baseline, prompt, setting, runtime: str, new_tokens: int, repeats: int):
     """Decode tokens/s of one setting against the dense ``baseline`` closure, in one runtime."""
-    make = tuned_decode if runtime == "tuned" else greedy_decode
     module.set_sparsity(setting)
-    candidate = make(module.model, prompt, new_tokens)
+    candidate = DECODES[runtime](module.model, prompt, new_tokens)
     started = time.time()
     result = decode_speed(paired_ratio(baseline, candidate, repeats), new_tokens)
     result["seconds"] = round(time.time() - started, 1)
@@ -244,9 +244,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["uniform", "greedy", "attribution"])
-    parser.add_argument(
-        "--runtimes", nargs="+", choices=("eager", "tuned"), default=["eager", "tuned"]
-    )
+    parser.add_argument("--runtimes", nargs="+", choices=list(DECODES), default=list(DECODES))
     parser.add_argument("--calib", type=int, nargs=2, default=[400, 800])
     parser.add_argument("--eval", type=int, nargs=2, default=[0, 100])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -261,7 +259,8 @@ def main() -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the fidelity points saved in --out for the same checkpoint and settings",
+        help="reuse the points (fidelity and speeds) saved in --out for the same checkpoint and "
+        "rows; measure only what is missing",
     )
     args = parser.parse_args()
     if args.report_only:
@@ -310,9 +309,7 @@ def main() -> None:
             "evaluation_rows": [evaluation.start, evaluation.stop],
             "allocations": args.allocations,
         }
-        points = (
-            measured_fidelity(report["models"].get(key), result, settings) if args.resume else None
-        )
+        points = saved_points(report["models"].get(key), result, settings) if args.resume else None
         if points is not None:
             result["fidelity_source"] = report["models"][key].get("fidelity_source", "--resume")
         else:
@@ -330,8 +327,7 @@ def main() -> None:
             ]
             if not todo:
                 continue
-            make = tuned_decode if runtime == "tuned" else greedy_decode
-            baseline = make(dense, prompt, args.new_tokens)
+            baseline = DECODES[runtime](dense, prompt, args.new_tokens)
             for setting, point in todo:
                 measured = speed(
                     module, baseline, prompt, setting, runtime, args.new_tokens, args.repeats
