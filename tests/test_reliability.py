@@ -211,6 +211,7 @@ def test_non_finite_statistics_are_refused_at_save_and_at_load(checkpoint, tmp_p
         ("--evaluation.metric=best", "metric must be one of"),
         ("--export.levels={mlp: 1.0}", r"mlp sparsity must be in \[0, 1\)"),
         ("--data.batch_size=0", "batch_size"),
+        ("--evaluation.speed_tokens=1", "speed_tokens must be >= 2"),
     ],
 )
 def test_bad_options_stop_with_one_error_line_before_any_model_loads(tmp_path, option, expected):

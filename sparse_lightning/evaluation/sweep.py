@@ -28,7 +28,7 @@ PLOTTED = ("bleu_vs_dense", "rougeL", "f1", "top1_agreement", "mc_accuracy")
 #: Metrics kept as fractions in tables, shown x100 in the plot.
 FRACTIONS = ("top1_agreement", "mc_accuracy")
 #: Measured decode speed (see :func:`~sparse_lightning.evaluation.speed.decode_speeds`).
-SPEED_KEYS = ("decode_speedup", "decode_tokens_per_s")
+SPEED_KEYS = ("decode_speedup", "decode_tokens_per_s", "end_to_end_speedup")
 
 
 def sweep_settings(

@@ -1,0 +1,94 @@
+"""Decode timing: the split at the prompt's forward, and the paired decode speeds."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+from sparse_lightning.evaluation.speed import greedy_decode, paired_decode
+from tests.conftest import tiny_model
+
+
+def test_greedy_decode_splits_after_the_prompts_forward():
+    """The stamps fall right after the first forward (the prompt's) and after the last one."""
+    model = tiny_model("llama")
+    entered: list[float] = []
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        entered.append(time.perf_counter())
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    run = greedy_decode(model, torch.tensor([[5, 9, 17, 3]]), new_tokens=5)
+    run()
+    assert len(entered) == 5  # one prompt forward, then four decode steps
+    start, after_prompt, after_last = run.stamps
+    assert start < entered[0] < after_prompt < entered[1]
+    assert after_last > entered[-1]
+    assert run.prefill_s == pytest.approx(after_prompt - start)
+    assert run.decode_s == pytest.approx(after_last - after_prompt)
+    assert 0 < run.decode_s < run.total_s
+
+
+def test_paired_decode_reports_both_ratios_and_needs_two_tokens():
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 9, 17]])
+    slow_model = tiny_model("llama")
+    forward = slow_model.forward
+
+    def slow(*args, **kwargs):  # every forward 20 ms slower
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    slow_model.forward = slow
+    fast, slow_run = greedy_decode(model, prompt, 5), greedy_decode(slow_model, prompt, 5)
+    speed = paired_decode(slow_run, fast, repeats=3, new_tokens=5)
+    assert speed["decode_speedup"] > 1.5 and speed["speedup"] > 1.5
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        paired_decode(fast, fast, repeats=1, new_tokens=1)
+
+
+class _FakeDecode:
+    """Stands in for a TunedDecode: steps that sleep, and a log of who ran when."""
+
+    def __init__(self, name: str, step_s: float, log: list[str], new_tokens: int = 5) -> None:
+        self.name, self.step_s, self.log, self.new_tokens = name, step_s, log, new_tokens
+
+    def __call__(self):
+        self.log.append(f"{self.name} run")
+
+    def running(self):
+        return contextlib.nullcontext()
+
+    def positions(self) -> range:
+        return range(3, 3 + self.new_tokens - 1)
+
+    def prefill(self) -> int:
+        self.log.append(f"{self.name} prefill")
+        return 0
+
+    def step(self, token: int, position: int) -> int:
+        self.log.append(f"{self.name} {position}")
+        time.sleep(self.step_s)
+        return token + 1
+
+
+def test_interleaved_decode_alternates_steps_and_times_each_side():
+    from benchmarks.common import interleaved_decode
+
+    log: list[str] = []
+    slow, fast = _FakeDecode("slow", 0.004, log), _FakeDecode("fast", 0.002, log)
+    speed = interleaved_decode(slow, fast, repeats=2)
+    assert 1.5 < speed["decode_speedup"] < 2.5
+    assert speed["dense_decode_tokens_per_s"] == pytest.approx(1 / 0.004, rel=0.5)
+    one_repeat = log[2 : 2 + 2 + 8]  # after the two warm-up runs: two prompts, 4 x 2 steps
+    assert one_repeat == [
+        "slow prefill", "fast prefill",
+        "slow 3", "fast 3", "fast 4", "slow 4", "slow 5", "fast 5", "fast 6", "slow 6",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="same prompt length"):
+        interleaved_decode(slow, _FakeDecode("other", 0.0, log, new_tokens=3), repeats=1)
