@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 # The timers live in the library (the sweep measures decode speed too); re-exported here.
-from sparse_lightning.evaluation.speed import decode_speed, greedy_decode, paired_ratio  # noqa: F401
+from sparse_lightning.evaluation.speed import (  # noqa: F401
+    DecodeRun,
+    decode_ratios,
+    decode_speed,
+    greedy_decode,
+    paired_decode,
+    paired_ratio,
+)
 
 #: The shared TruthfulQA CSV beside the checkout.
 TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
@@ -114,53 +121,119 @@ CPU_DECODE_OPTIONS = {
 }
 
 
-def tuned_decode(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
-    """A closure running batch-1 greedy decode of ``new_tokens`` in a plain loop; returns ids.
+class TunedDecode(DecodeRun):
+    """Batch-1 greedy decode of ``new_tokens`` in a plain loop (a :class:`DecodeRun` returning
+    the ids), the best dense decode we have.
 
     The prefill is eager; each decode step calls ``model.forward`` compiled with
     ``CPU_DECODE_OPTIONS`` over a static KV cache, with eager (matmul) attention so the
     attention also compiles into the step. After the first call (which compiles) the steps
     run with ``skip_guard_eval_unsafe``: the shapes never change, so re-checking Dynamo's
     guards on every token is pure overhead. Switches ``model`` to eager attention.
+    :meth:`prefill` and :meth:`step` let :func:`interleaved_decode` alternate two decodes
+    token by token.
     """
-    from torch._inductor import config as inductor_config
-    from transformers import StaticCache
 
-    model.set_attn_implementation("eager")
-    step = torch.compile(own_forward(model), dynamic=False)
-    length = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
-    warm = False
+    def __init__(self, model, prompt: torch.Tensor, new_tokens: int) -> None:
+        from transformers import StaticCache
 
-    def run() -> torch.Tensor:
-        nonlocal warm
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=warm)
-        # The first call compiles, under these options: torch.compile(options=...) does not
-        # pass max_autotune's GEMM templates on (the steps then still call aten::mm).
-        options = contextlib.nullcontext() if warm else inductor_config.patch(CPU_DECODE_OPTIONS)
+        model.set_attn_implementation("eager")
+        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+        self.compiled = torch.compile(own_forward(model), dynamic=False)
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
+        self.warm = False
+        super().__init__(self._run)
+
+    @contextlib.contextmanager
+    def running(self):
+        """No grad, guards skipped once warm, and the first (compiling) call under
+        ``CPU_DECODE_OPTIONS``: ``torch.compile(options=...)`` does not pass max_autotune's
+        GEMM templates on (the steps then still call aten::mm)."""
+        from torch._inductor import config as inductor_config
+
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warm)
+        options = (
+            contextlib.nullcontext() if self.warm else inductor_config.patch(CPU_DECODE_OPTIONS)
+        )
         with torch.no_grad(), stance, options:
-            cache.reset()
-            out = model(
-                input_ids=prompt,
-                past_key_values=cache,
-                cache_position=torch.arange(length),
-                logits_to_keep=1,
-            )
-            tokens = [out.logits[:, -1:].argmax(-1)]
-            for position in range(length, length + new_tokens - 1):
-                where = torch.tensor([position])
-                out = step(
-                    input_ids=tokens[-1],
-                    past_key_values=cache,
-                    cache_position=where,
-                    position_ids=where[None],
-                    logits_to_keep=1,
-                )
-                tokens.append(out.logits[:, -1:].argmax(-1))
-        warm = True
+            yield
+        self.warm = True
+
+    def positions(self) -> range:
+        """The cache positions of the decode steps."""
+        length = self.prompt.shape[1]
+        return range(length, length + self.new_tokens - 1)
+
+    def prefill(self) -> torch.Tensor:
+        """Empty the cache and run the prompt; returns the first new token."""
+        self.cache.reset()
+        out = self.model(
+            input_ids=self.prompt,
+            past_key_values=self.cache,
+            cache_position=torch.arange(self.prompt.shape[1]),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1:].argmax(-1)
+
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """One compiled decode step: ``token`` at ``position``; returns the next token."""
+        where = torch.tensor([position])
+        out = self.compiled(
+            input_ids=token,
+            past_key_values=self.cache,
+            cache_position=where,
+            position_ids=where[None],
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1:].argmax(-1)
+
+    def _run(self, stamps: list[float]) -> torch.Tensor:
+        with self.running():
+            tokens = [self.prefill()]
+            stamps.append(time.perf_counter())
+            for position in self.positions():
+                tokens.append(self.step(tokens[-1], position))
+            stamps.append(time.perf_counter())
         return torch.cat(tokens, dim=1)
 
-    return run
+
+def tuned_decode(model, prompt: torch.Tensor, new_tokens: int) -> TunedDecode:
+    """The tuned decode of ``model`` (see :class:`TunedDecode`)."""
+    return TunedDecode(model, prompt, new_tokens)
+
+
+def interleaved_decode(
+    baseline: TunedDecode, candidate: TunedDecode, repeats: int
+) -> dict[str, float]:
+    """What :func:`paired_decode` returns, with the two decodes alternated token by token.
+
+    A shared machine's memory bandwidth drifts over seconds; alternating whole 32-token runs
+    (2-3 s each for Qwen 0.5B) lets a drift hit one side only, while alternating single steps
+    (about 50 ms) puts both sides in the same spell. Each repetition runs both prompts, then
+    each position's two steps, the order switching at every position.
+    """
+    if baseline.positions() != candidate.positions():
+        raise ValueError("interleaved_decode needs the same prompt length and new tokens.")
+    for run in (baseline, candidate):
+        run()  # compiles on first use
+    sides = (baseline, candidate)
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        spent = [[0.0, 0.0], [0.0, 0.0]]  # per side: prompt, decode steps
+        tokens = [None, None]
+        with baseline.running(), candidate.running():
+            for side in (0, 1):
+                start = time.perf_counter()
+                tokens[side] = sides[side].prefill()
+                spent[side][0] += time.perf_counter() - start
+            for k, position in enumerate(baseline.positions()):
+                for side in (k % 2, 1 - k % 2):
+                    start = time.perf_counter()
+                    tokens[side] = sides[side].step(tokens[side], position)
+                    spent[side][1] += time.perf_counter() - start
+        for side in (0, 1):
+            times[side].append((sum(spent[side]), spent[side][1]))
+    return decode_ratios(*times, baseline.new_tokens)
 
 
 def own_forward(model) -> Callable:

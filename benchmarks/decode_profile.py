@@ -12,9 +12,13 @@ compacted at ``--level``, default 80%), compiled with Inductor's kernel profilin
 step splits into its generated GEMM kernels, its other kernels and its wrapper; it prints the
 time per step of each next to what runs outside the step. ``--what prefill`` profiles two
 8 x 128 prefills, dense and compacted at ``--level``, then times each kind of linear layer
-without the profiler. See the README's Performance section.
+without the profiler. ``--what skip`` profiles the tuned decode of ``--model`` (smollm2 or
+qwen) dense and input-sparse at ``--budget`` (``--allocation``, the frontier's checkpoint),
+the kernel's calls included, and prints the rate at which each side streams its weights. See
+the README's Performance section.
 
     python benchmarks/decode_profile.py [--checkpoint PATH] [--what tuned --level 0.8]
+    python benchmarks/decode_profile.py --what skip --model qwen --budget 0.3
 """
 
 from __future__ import annotations
@@ -42,19 +46,30 @@ from benchmarks.common import (  # noqa: E402
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
+#: The input-sparse kernel's op, an extern call inside the compiled step.
+KERNEL = "sparse_lightning::input_sparse_linear"
 
 
 def is_matmul(key: str) -> bool:
-    """An eager matrix-multiply operator, or a GEMM kernel that Inductor generated."""
-    return key in MATMULS or "gemm" in key.lower()
+    """An eager matrix-multiply operator, a GEMM kernel that Inductor generated, or the
+    input-sparse kernel."""
+    return key in MATMULS or key == KERNEL or "gemm" in key.lower()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--what", choices=("generate", "tuned", "prefill"), default="generate")
+    parser.add_argument(
+        "--what", choices=("generate", "tuned", "prefill", "skip"), default="generate"
+    )
     parser.add_argument("--level", type=float, default=None, help="tuned/prefill: default 0.8")
+    parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2", help="skip")
+    parser.add_argument("--budget", type=float, default=0.3, help="skip: decode bytes to skip")
+    parser.add_argument("--allocation", default="uniform", help="skip: how the budget spreads")
     args = parser.parse_args()
+    if args.what == "skip":
+        profile_skip(args.model, args.budget, args.allocation)
+        return
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
         model, tokenizer, STATIC_ROWS, args.checkpoint or STATIC_CHECKPOINT
@@ -70,7 +85,41 @@ def main() -> None:
     elif args.what == "prefill":
         profile_prefill(model, compact, level)
     else:
-        profile_tuned(model, compact, tokenizer, level)
+        nets = (("dense", model), (f"compacted {level:.0%}", compact))
+        profile_tuned(nets, tokenizer)
+
+
+def profile_skip(key: str, budget: float, allocation: str) -> None:
+    """The tuned decode, dense and input-sparse at ``budget``, and each side's weight stream."""
+    import copy
+
+    from benchmarks.frontier import MODELS
+    from sparse_lightning import SparsityConfig
+    from sparse_lightning.architectures import resolve
+
+    _, load = MODELS[key]
+    model, tokenizer = load()
+    dense = copy.deepcopy(model)
+    path = ROOT / "checkpoints" / f"{key}-frontier-400-800.safetensors"
+    measured = () if allocation == "uniform" else (allocation,)
+    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
+    module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
+    module.set_sparsity(SparsityConfig(budget=budget, allocation=allocation))
+    architecture = resolve(dense)
+    total = architecture.linear_macs() * 4  # float32 bytes per decode token
+    head = dense.get_output_embeddings().weight.numel() * 4
+    # Bytes each side streams per step: all of them dense; the budget's share skipped sparse.
+    streamed = {"dense": total, "sparse": total * (1 - budget)}
+    steps = profile_tuned(
+        (("dense", dense), (f"{allocation} {budget:.2f}", module.model)), tokenizer
+    )
+    for (name, ms), side in zip(steps.items(), streamed, strict=True):
+        print(
+            f"{name}: {ms:.2f} ms per step, {streamed[side] / 1e6:.0f} MB of weights "
+            f"({head / 1e6:.0f} MB lm_head) -> {streamed[side] / ms / 1e6:.1f} GB/s"
+        )
+    dense_ms, sparse_ms = steps.values()
+    print(f"step ratio {dense_ms / sparse_ms:.2f}x, byte bound {1 / (1 - budget):.2f}x")
 
 
 def profile_generate(module, compact, tokenizer, level: float) -> None:
@@ -144,11 +193,13 @@ def per_linear_ms(net, ids: torch.Tensor, forwards: int) -> tuple[dict[str, floa
     return {kind: s / forwards * 1e3 for kind, s in spent.items()}, total / forwards * 1e3
 
 
-def profile_tuned(model, compact, tokenizer, level: float) -> None:
+def profile_tuned(nets, tokenizer) -> dict[str, float]:
+    """Profile each ``(name, model)``'s tuned decode; returns each one's ms per compiled step."""
     from torch._inductor import config as inductor_config
 
     prompt = tokenizer("Write a short story about a lighthouse keeper.", return_tensors="pt")
-    for name, net in (("dense", model), (f"compacted {level:.0%}", compact)):
+    step_ms = {}
+    for name, net in nets:
         run = tuned_decode(net, prompt["input_ids"], 32)
         # Kernel profiling makes each generated C++ kernel a profiler event of its own, so
         # the opaque compiled step splits into GEMMs and the rest.
@@ -164,7 +215,7 @@ def profile_tuned(model, compact, tokenizer, level: float) -> None:
         count = sum(e.count for e in steps)
         inside = sum(e.cpu_time_total for e in steps) / 1e3 / count
         wrapper = sum(e.self_cpu_time_total for e in steps) / 1e3 / count
-        kernels = [e for e in events if e.key.startswith(("cpp_", "graph_"))]
+        kernels = [e for e in events if e.key.startswith(("cpp_", "graph_", KERNEL))]
         gemm = sum(e.self_cpu_time_total for e in kernels if is_matmul(e.key)) / 1e3
         other = sum(e.self_cpu_time_total for e in kernels) / 1e3 - gemm
         print(
@@ -174,7 +225,9 @@ def profile_tuned(model, compact, tokenizer, level: float) -> None:
         )
         top = sorted(kernels, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
         print("  " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3 / count:.3f}" for e in top))
+        step_ms[name] = inside
         torch._dynamo.reset()  # the next model must not reuse this one's frozen entry
+    return step_ms
 
 
 def summarize(name: str, prof) -> None:

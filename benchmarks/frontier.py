@@ -8,22 +8,26 @@ For SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (float32, CPU):
    sparse model with the prompt dense and the answer's tokens sparse (as decoding runs them):
    top-1 agreement and KL(dense || sparse), and the realized share of decode bytes skipped,
    whose bound is ``1 / (1 - skipped)``;
-3. speed: batch-1 greedy decode (32 new tokens, prompt prefill included) of the sparse model
-   against a separate dense copy in the same run, alternating, median of per-repetition
-   ratios, in two runtimes: eager ``generate``, and the tuned compiled loop
+3. speed: batch-1 greedy decode (32 new tokens) of the sparse model against a separate dense
+   copy in the same run, median of per-repetition ratios, in two runtimes: eager
+   ``generate`` (whole runs alternating), and the tuned compiled loop
    (``benchmarks.common.tuned_decode``: the best dense decode we have, compiled with the same
-   options on both sides);
+   options on both sides; the two decodes' steps alternate token by token). The headline is
+   decode tokens/s, the 31 steps after the dense prompt's forward; the end-to-end ratio,
+   the prompt included, is kept beside it;
 
 at each budget (share of the decode bytes to skip) for each allocation (uniform, greedy,
 attribution). Prints a table, writes benchmarks/results/frontier.json and the plot
-docs/frontier.png (top-1 agreement against tuned speedup, one line per allocation).
+docs/frontier.png (top-1 agreement against decode speedup, one line per allocation and
+runtime).
 
     python benchmarks/frontier.py [--models smollm2 qwen] [--budgets 0.1 0.2 0.3 0.4 0.5]
         [--allocations uniform greedy attribution] [--runtimes eager tuned] [--repeats 5]
-        [--resume]
+        [--resume [--remeasure]]
 
 The fidelity points are saved before the speed stage starts and each speed as it is measured;
-``--resume`` reuses them (same checkpoint and rows) and measures only what is missing. Each
+``--resume`` reuses them (same checkpoint and rows) and measures only what is missing (a
+subset of allocations or runtimes keeps the saved run's other points). Each
 tuned setting's frozen graph holds about one copy of the weights, which Dynamo keeps (even
 ``torch._dynamo.reset()`` did not return it): Qwen 0.5B fills 23 GB after about ten settings,
 so its run is resumed in a fresh process.
@@ -48,10 +52,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     TRUTHFULQA,
     calibrated_checkpoint,
-    decode_speed,
     greedy_decode,
+    interleaved_decode,
     machine_info,
-    paired_ratio,
+    paired_decode,
     save_report,
     tuned_decode,
 )
@@ -69,8 +73,13 @@ MODELS = {
     "qwen": ("Qwen2.5-Coder-0.5B-Instruct", load_qwen),
 }
 PROMPT = "Explain in a few sentences why the sky is blue."
-#: runtime -> the decode closure maker that times it
+#: runtime -> the decode maker, and how a candidate is timed against the dense baseline: the
+#: tuned loop's steps alternate token by token, ``generate`` runs alternate whole.
 DECODES = {"eager": greedy_decode, "tuned": tuned_decode}
+TIMERS = {
+    "eager": lambda base, cand, repeats, tokens: paired_decode(base, cand, repeats, tokens),
+    "tuned": lambda base, cand, repeats, tokens: interleaved_decode(base, cand, repeats),
+}
 
 
 def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch_size: int):
@@ -126,28 +135,39 @@ def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) 
 
 
 def saved_points(saved: dict | None, result: dict, settings) -> list[dict] | None:
-    """``--resume``: the saved run's points, with the speeds it measured, when it measured these
-    settings on the same checkpoint and rows; ``None`` otherwise."""
+    """``--resume``: all the saved run's points, with the speeds it measured, when it measured
+    these settings on the same checkpoint and rows; ``None`` otherwise."""
     same = ("model", "checkpoint", "calibration_rows", "evaluation_rows")
     if saved is None or any(saved.get(k) != result[k] for k in same):
         return None
-    wanted = [(s.allocation, s.budget) for s in settings]
-    points = {(p["allocation"], p["budget"]): p for p in saved.get("points", [])}
-    if not all(w in points for w in wanted):
+    points = {(p["allocation"], p["budget"]) for p in saved.get("points", [])}
+    if not all((s.allocation, s.budget) in points for s in settings):
         return None
     print("--resume: fidelity (and any speeds) from the saved run")
-    return [dict(points[w]) for w in wanted]
+    return [dict(p) for p in saved["points"]]
 
 
 def speed(module, baseline, prompt, setting, runtime: str, new_tokens: int, repeats: int):
-    """Decode tokens/s of one setting against the dense ``baseline`` closure, in one runtime."""
+    """Decode tokens/s of one setting against the dense ``baseline`` run, in one runtime."""
     module.set_sparsity(setting)
     candidate = DECODES[runtime](module.model, prompt, new_tokens)
     started = time.time()
-    result = decode_speed(paired_ratio(baseline, candidate, repeats), new_tokens)
+    result = TIMERS[runtime](baseline, candidate, repeats, new_tokens)
     result["seconds"] = round(time.time() - started, 1)
-    print(f"  {runtime} {label(setting)}: {result['speedup']:.2f}x", flush=True)
+    print(
+        f"  {runtime} {label(setting)}: decode {result['decode_speedup']:.2f}x "
+        f"(dense {result['dense_decode_tokens_per_s']:.1f} tok/s), "
+        f"end to end {result['speedup']:.2f}x",
+        flush=True,
+    )
     return result
+
+
+def earlier(point: dict, runtime: str) -> None:
+    """``--remeasure``: move ``point``'s speeds in ``runtime`` to its ``earlier`` list."""
+    speeds = {k: point.pop(k) for k in list(point) if k.endswith(f"_{runtime}")}
+    if speeds:
+        point.setdefault("earlier", []).append(speeds)
 
 
 def label(setting: SparsityConfig) -> str:
@@ -165,27 +185,44 @@ def at_agreement(points: list[dict], target: float, key: str) -> float | None:
     return None
 
 
+#: What each runtime's speed is read as: the decode steps (the headline) and whole runs.
+SPEED_KINDS = ("decode_speedup", "speedup")
+
+
+def at_top1(points: list[dict], allocations, target: float = 0.90) -> dict:
+    """Per allocation: the byte bound and each measured speed where top-1 crosses ``target``."""
+    out = {}
+    for allocation in allocations:
+        mine = [p for p in points if p["allocation"] == allocation]
+        keys = [k for k in mine[0] if k.startswith(SPEED_KINDS) and all(k in p for p in mine)]
+        out[allocation] = {key: at_agreement(mine, target, key) for key in ["byte_bound", *keys]}
+    return out
+
+
 def table(result: dict) -> str:
-    """A markdown table of one model's points (speedups against the same runtime, dense)."""
+    """A markdown table of one model's points: decode-step speedups against the same runtime's
+    dense decode (the tuned loop's end-to-end ratio beside them), then the dense tok/s range."""
+    columns = ("decode_speedup_eager", "decode_speedup_tuned", "speedup_tuned")
     lines = [
-        "| allocation | budget | top-1 | KL | bytes skipped | bound | eager | tuned |",
-        "|---|---|---|---|---|---|---|---|",
+        "| allocation | budget | top-1 | KL | bytes skipped | bound | eager | tuned "
+        "| tuned, end to end |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(result["points"], key=lambda p: (p["allocation"], p["budget"])):
-        speeds = [f"{p[k]:.2f}x" if k in p else "-" for k in ("speedup_eager", "speedup_tuned")]
+        speeds = [f"{p[k]:.2f}x" if k in p else "-" for k in columns]
         lines.append(
             f"| {p['allocation']} | {p['budget']:.2f} | {p['top1_agreement']:.3f} | "
             f"{p['kl']:.3f} | {p['decode_bytes_skipped']:.3f} | {p['byte_bound']:.2f}x | "
             + " | ".join(speeds)
             + " |"
         )
-    dense = next(iter(result["points"]), {})
-    tokens = [
-        f"{runtime} {dense[f'dense_tokens_per_s_{runtime}']:.1f} tok/s"
-        for runtime in ("eager", "tuned")
-        if f"dense_tokens_per_s_{runtime}" in dense
-    ]
-    return "\n".join(lines) + (f"\n\nDense: {', '.join(tokens)}." if tokens else "")
+    tokens = []
+    for runtime in ("eager", "tuned"):
+        key = f"dense_decode_tokens_per_s_{runtime}"
+        seen = [p[key] for p in result["points"] if key in p]
+        if seen:
+            tokens.append(f"{runtime} {min(seen):.1f}-{max(seen):.1f} tok/s")
+    return "\n".join(lines) + (f"\n\nDense decode: {', '.join(tokens)}." if tokens else "")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -198,18 +235,19 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
         result = report["models"][name]
-        for allocation in result["allocations"]:
+        for color, allocation in enumerate(result["allocations"]):
             points = sorted(
                 (p for p in result["points"] if p["allocation"] == allocation),
                 key=lambda p: p["budget"],
             )
             for runtime, style in (("tuned", "-o"), ("eager", ":x")):
-                key = f"speedup_{runtime}"
+                key = f"decode_speedup_{runtime}"
                 if points and key in points[0]:
                     ax.plot(
                         [1.0] + [p[key] for p in points],
                         [1.0] + [p["top1_agreement"] for p in points],
                         style,
+                        color=f"C{color}",
                         label=f"{allocation} ({runtime})",
                     )
             if points:
@@ -224,7 +262,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axvline(1.3, color="black", lw=0.6, ls=":")
         ax.set(
             title=f"{result['model']}",
-            xlabel="decode speedup over dense (grey: byte bound)",
+            xlabel="decode-step speedup over dense (grey: byte bound)",
             ylabel="top-1 agreement with dense",
         )
         ax.grid(alpha=0.3)
@@ -262,7 +300,15 @@ def main() -> None:
         help="reuse the points (fidelity and speeds) saved in --out for the same checkpoint and "
         "rows; measure only what is missing",
     )
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="with --resume: measure the chosen settings' speeds again; the saved ones move to "
+        "each point's 'earlier' list",
+    )
     args = parser.parse_args()
+    if args.remeasure and not args.resume:
+        parser.error("--remeasure needs --resume (it re-times saved points)")
     if args.report_only:
         report = json.loads(args.out.read_text())
         plot(report, args.plot)
@@ -309,21 +355,27 @@ def main() -> None:
             "evaluation_rows": [evaluation.start, evaluation.stop],
             "allocations": args.allocations,
         }
-        points = saved_points(report["models"].get(key), result, settings) if args.resume else None
-        if points is not None:
+        every = saved_points(report["models"].get(key), result, settings) if args.resume else None
+        if every is not None:  # a resumed subset keeps the saved run's other points
             result["fidelity_source"] = report["models"][key].get("fidelity_source", "--resume")
         else:
-            points = fidelity_points(module, tokenizer, settings, calib, evaluation, args, name)
-        report["models"][key] = result | {"points": points}
+            every = fidelity_points(module, tokenizer, settings, calib, evaluation, args, name)
+        where = {(p["allocation"], p["budget"]): p for p in every}
+        points = [where[(s.allocation, s.budget)] for s in settings]
+        result["allocations"] = list(dict.fromkeys(p["allocation"] for p in every))
+        report["models"][key] = result | {"points": every}
         save_report(report, args.out)  # fidelity is kept should the speed stage fail
         evaluated = time.time()
         dense = copy.deepcopy(model)  # a separate plain model: nothing switches in timed runs
         prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
         for runtime in args.runtimes:
+            if args.remeasure:
+                for point in points:
+                    earlier(point, runtime)
             todo = [
                 (s, p)
                 for s, p in zip(settings, points, strict=True)
-                if f"speedup_{runtime}" not in p
+                if f"decode_speedup_{runtime}" not in p
             ]
             if not todo:
                 continue
@@ -332,27 +384,12 @@ def main() -> None:
                 measured = speed(
                     module, baseline, prompt, setting, runtime, args.new_tokens, args.repeats
                 )
-                point[f"speedup_{runtime}"] = measured["speedup"]
-                point[f"tokens_per_s_{runtime}"] = measured["tokens_per_s"]
-                point[f"dense_tokens_per_s_{runtime}"] = measured["dense_tokens_per_s"]
+                point.update({f"{k}_{runtime}": v for k, v in measured.items() if k != "seconds"})
                 save_report(report, args.out)  # each point as measured: a stopped run resumes
             module.disable_sparsity()
         report["models"][key] = result | {
-            "points": points,
-            "at_top1_0.90": {
-                a: {
-                    runtime: at_agreement(
-                        [p for p in points if p["allocation"] == a], 0.90, f"speedup_{runtime}"
-                    )
-                    for runtime in args.runtimes
-                }
-                | {
-                    "byte_bound": at_agreement(
-                        [p for p in points if p["allocation"] == a], 0.90, "byte_bound"
-                    )
-                }
-                for a in args.allocations
-            },
+            "points": every,
+            "at_top1_0.90": at_top1(every, result["allocations"]),
             "seconds": {
                 "calibration": round(calibrated - started),
                 "fidelity": round(evaluated - calibrated),
@@ -361,6 +398,10 @@ def main() -> None:
         }
         save_report(report, args.out)
         del dense, module, model
+    # A resumed subset measures some budgets; the report holds every model's points.
+    all_points = [p for result in report["models"].values() for p in result["points"]]
+    report["budgets"] = sorted({p["budget"] for p in all_points})
+    save_report(report, args.out)
     plot(report, args.plot)
     print(f"plot -> {args.plot}")
     for result in report["models"].values():
