@@ -17,6 +17,7 @@ import torch
 # The timers live in the library (the sweep measures decode speed too); re-exported here.
 from sparse_lightning.evaluation.speed import (  # noqa: F401
     DecodeRun,
+    check_decode_tokens,
     decode_ratios,
     decode_speed,
     greedy_decode,
@@ -214,6 +215,7 @@ def interleaved_decode(
     """
     if baseline.positions() != candidate.positions():
         raise ValueError("interleaved_decode needs the same prompt length and new tokens.")
+    check_decode_tokens(baseline.new_tokens)
     for run in (baseline, candidate):
         run()  # compiles on first use
     sides = (baseline, candidate)

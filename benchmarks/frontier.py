@@ -77,7 +77,7 @@ PROMPT = "Explain in a few sentences why the sky is blue."
 #: tuned loop's steps alternate token by token, ``generate`` runs alternate whole.
 DECODES = {"eager": greedy_decode, "tuned": tuned_decode}
 TIMERS = {
-    "eager": lambda base, cand, repeats, tokens: paired_decode(base, cand, repeats, tokens),
+    "eager": paired_decode,
     "tuned": lambda base, cand, repeats, tokens: interleaved_decode(base, cand, repeats),
 }
 
@@ -353,7 +353,6 @@ def main() -> None:
             "checkpoint": str(path.relative_to(ROOT)),
             "calibration_rows": [calib.start, calib.stop],
             "evaluation_rows": [evaluation.start, evaluation.stop],
-            "allocations": args.allocations,
         }
         every = saved_points(report["models"].get(key), result, settings) if args.resume else None
         if every is not None:  # a resumed subset keeps the saved run's other points
@@ -396,12 +395,11 @@ def main() -> None:
                 "speed": round(time.time() - evaluated),
             },
         }
+        # A resumed subset measures some budgets; the report holds every model's points.
+        all_points = [p for entry in report["models"].values() for p in entry["points"]]
+        report["budgets"] = sorted({p["budget"] for p in all_points})
         save_report(report, args.out)
         del dense, module, model
-    # A resumed subset measures some budgets; the report holds every model's points.
-    all_points = [p for result in report["models"].values() for p in result["points"]]
-    report["budgets"] = sorted({p["budget"] for p in all_points})
-    save_report(report, args.out)
     plot(report, args.plot)
     print(f"plot -> {args.plot}")
     for result in report["models"].values():

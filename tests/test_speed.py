@@ -92,3 +92,6 @@ def test_interleaved_decode_alternates_steps_and_times_each_side():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="same prompt length"):
         interleaved_decode(slow, _FakeDecode("other", 0.0, log, new_tokens=3), repeats=1)
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        one = [_FakeDecode(name, 0.0, log, new_tokens=1) for name in ("a", "b")]
+        interleaved_decode(*one, repeats=1)

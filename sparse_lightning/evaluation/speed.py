@@ -129,9 +129,15 @@ def paired_decode(
         ``new_tokens - 1`` decode steps after the prompt's forward), and ``speedup`` with
         ``dense_tokens_per_s`` and ``tokens_per_s`` (whole runs, the dense prompt included).
     """
+    check_decode_tokens(new_tokens)
+    return decode_ratios(*_alternate(baseline, candidate, repeats), new_tokens)
+
+
+def check_decode_tokens(new_tokens: int) -> None:
+    """Decode speed times the steps after the first token (the prompt's): at least 2, checked
+    before any timing."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens}: decode speed needs at least 2 new tokens.")
-    return decode_ratios(*_alternate(baseline, candidate, repeats), new_tokens)
 
 
 def decode_ratios(
