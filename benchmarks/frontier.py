@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    CPU_DECODE_OPTIONS,
     TRUTHFULQA,
     calibrated_checkpoint,
     greedy_decode,
@@ -110,6 +111,8 @@ def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch
 
 def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) -> list[dict]:
     """The fidelity stage: one point per setting, printed as it is measured."""
+    if not settings:
+        return []
     rows = fidelity(
         module, tokenizer, [SparsityConfig(), *settings], calib, evaluation, args.batch_size
     )
@@ -120,6 +123,8 @@ def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) 
             {
                 "allocation": setting.allocation,
                 "budget": setting.budget,
+                "lm_head": setting.lm_head,
+                "lm_head_candidates": setting.lm_head_candidates,
                 "top1_agreement": row["top1_agreement"],
                 "kl": row["kl"],
                 "decode_bytes_skipped": skipped,
@@ -134,17 +139,27 @@ def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) 
     return points
 
 
-def saved_points(saved: dict | None, result: dict, settings) -> list[dict] | None:
-    """``--resume``: all the saved run's points, with the speeds it measured, when it measured
-    these settings on the same checkpoint and rows; ``None`` otherwise."""
+def key_of(point: dict | SparsityConfig) -> tuple:
+    """What identifies a point: its allocation, budget and lm_head level (0 before it existed)."""
+    if isinstance(point, SparsityConfig):
+        return point.allocation, point.budget, point.lm_head
+    return point["allocation"], point["budget"], point.get("lm_head", 0.0)
+
+
+def series(point: dict) -> str:
+    """The line a point belongs to: its allocation, with the lm_head level when it has one."""
+    level = point.get("lm_head", 0.0)
+    return point["allocation"] + (f" + lm_head {level:.2f}" if level else "")
+
+
+def saved_points(saved: dict | None, result: dict) -> list[dict] | None:
+    """``--resume``: all the saved run's points, with the speeds it measured, when it was run
+    on the same checkpoint and rows; ``None`` otherwise."""
     same = ("model", "checkpoint", "calibration_rows", "evaluation_rows")
     if saved is None or any(saved.get(k) != result[k] for k in same):
         return None
-    points = {(p["allocation"], p["budget"]) for p in saved.get("points", [])}
-    if not all((s.allocation, s.budget) in points for s in settings):
-        return None
-    print("--resume: fidelity (and any speeds) from the saved run")
-    return [dict(p) for p in saved["points"]]
+    print("--resume: fidelity (and any speeds) from the saved run, where it has them")
+    return [dict(p) for p in saved.get("points", [])]
 
 
 def speed(module, baseline, prompt, setting, runtime: str, new_tokens: int, repeats: int):
@@ -171,7 +186,10 @@ def earlier(point: dict, runtime: str) -> None:
 
 
 def label(setting: SparsityConfig) -> str:
-    return "dense" if setting.is_dense else f"{setting.allocation} {setting.budget:.2f}"
+    if setting.is_dense:
+        return "dense"
+    extra = f" + lm_head {setting.lm_head:.2f}" if setting.lm_head else ""
+    return f"{setting.allocation} {setting.budget:.2f}{extra}"
 
 
 def at_agreement(points: list[dict], target: float, key: str) -> float | None:
@@ -189,13 +207,14 @@ def at_agreement(points: list[dict], target: float, key: str) -> float | None:
 SPEED_KINDS = ("decode_speedup", "speedup")
 
 
-def at_top1(points: list[dict], allocations, target: float = 0.90) -> dict:
-    """Per allocation: the byte bound and each measured speed where top-1 crosses ``target``."""
+def at_top1(points: list[dict], lines, target: float = 0.90) -> dict:
+    """Per line (:func:`series`): the byte bound and each measured speed where top-1 crosses
+    ``target``."""
     out = {}
-    for allocation in allocations:
-        mine = [p for p in points if p["allocation"] == allocation]
+    for line in lines:
+        mine = [p for p in points if series(p) == line]
         keys = [k for k in mine[0] if k.startswith(SPEED_KINDS) and all(k in p for p in mine)]
-        out[allocation] = {key: at_agreement(mine, target, key) for key in ["byte_bound", *keys]}
+        out[line] = {key: at_agreement(mine, target, key) for key in ["byte_bound", *keys]}
     return out
 
 
@@ -208,10 +227,10 @@ def table(result: dict) -> str:
         "| tuned, end to end |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in sorted(result["points"], key=lambda p: (p["allocation"], p["budget"])):
+    for p in sorted(result["points"], key=lambda p: (series(p), p["budget"])):
         speeds = [f"{p[k]:.2f}x" if k in p else "-" for k in columns]
         lines.append(
-            f"| {p['allocation']} | {p['budget']:.2f} | {p['top1_agreement']:.3f} | "
+            f"| {series(p)} | {p['budget']:.2f} | {p['top1_agreement']:.3f} | "
             f"{p['kl']:.3f} | {p['decode_bytes_skipped']:.3f} | {p['byte_bound']:.2f}x | "
             + " | ".join(speeds)
             + " |"
@@ -235,9 +254,10 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
         result = report["models"][name]
-        for color, allocation in enumerate(result["allocations"]):
+        lines = result.get("series") or result["allocations"]  # runs before lm_head points
+        for color, allocation in enumerate(lines):
             points = sorted(
-                (p for p in result["points"] if p["allocation"] == allocation),
+                (p for p in result["points"] if series(p) == allocation),
                 key=lambda p: p["budget"],
             )
             for runtime, style in (("tuned", "-o"), ("eager", ":x")):
@@ -286,6 +306,14 @@ def main() -> None:
     parser.add_argument("--calib", type=int, nargs=2, default=[400, 800])
     parser.add_argument("--eval", type=int, nargs=2, default=[0, 100])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--lm-head",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="lm_head input levels (each a set of points beside the budgets); 0: lm_head dense",
+    )
+    parser.add_argument("--lm-head-candidates", type=int, default=64)
     parser.add_argument("--allocation-batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -324,6 +352,7 @@ def main() -> None:
         "budgets": args.budgets,
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
+        "tuned_options": CPU_DECODE_OPTIONS,
         "prompt": PROMPT,
         "models": {},
     }
@@ -346,7 +375,12 @@ def main() -> None:
         calibrated = time.time()
         module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
         settings = [
-            SparsityConfig(budget=b, allocation=a) for a in args.allocations for b in args.budgets
+            SparsityConfig(
+                budget=b, allocation=a, lm_head=h, lm_head_candidates=args.lm_head_candidates
+            )
+            for h in args.lm_head
+            for a in args.allocations
+            for b in args.budgets
         ]
         result = {
             "model": name,
@@ -354,14 +388,16 @@ def main() -> None:
             "calibration_rows": [calib.start, calib.stop],
             "evaluation_rows": [evaluation.start, evaluation.stop],
         }
-        every = saved_points(report["models"].get(key), result, settings) if args.resume else None
-        if every is not None:  # a resumed subset keeps the saved run's other points
+        every = saved_points(report["models"].get(key), result) if args.resume else None
+        if every:  # a resumed subset keeps the saved run's other points
             result["fidelity_source"] = report["models"][key].get("fidelity_source", "--resume")
-        else:
-            every = fidelity_points(module, tokenizer, settings, calib, evaluation, args, name)
-        where = {(p["allocation"], p["budget"]): p for p in every}
-        points = [where[(s.allocation, s.budget)] for s in settings]
-        result["allocations"] = list(dict.fromkeys(p["allocation"] for p in every))
+        every = every or []
+        known = {key_of(p) for p in every}
+        missing = [s for s in settings if key_of(s) not in known]
+        every += fidelity_points(module, tokenizer, missing, calib, evaluation, args, name)
+        where = {key_of(p): p for p in every}
+        points = [where[key_of(s)] for s in settings]
+        result["series"] = list(dict.fromkeys(series(p) for p in every))
         report["models"][key] = result | {"points": every}
         save_report(report, args.out)  # fidelity is kept should the speed stage fail
         evaluated = time.time()
@@ -388,7 +424,7 @@ def main() -> None:
             module.disable_sparsity()
         report["models"][key] = result | {
             "points": every,
-            "at_top1_0.90": at_top1(every, result["allocations"]),
+            "at_top1_0.90": at_top1(every, result["series"]),
             "seconds": {
                 "calibration": round(calibrated - started),
                 "fidelity": round(evaluated - calibrated),

@@ -147,6 +147,8 @@ class SparseActivationModule(L.LightningModule):
         phase: str | None = None,
         budget: float | None = None,
         allocation: str | None = None,
+        lm_head: float | None = None,
+        lm_head_candidates: int | None = None,
         **levels: float,
     ) -> SparsityConfig:
         """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense.
@@ -164,6 +166,10 @@ class SparseActivationModule(L.LightningModule):
                 measured table the checkpoint holds, greedy first, else uniform),
                 ``"uniform"``, ``"greedy"`` (TEAL) or ``"attribution"``; the last two need a
                 measured table.
+            lm_head: the fraction of the output projection's input channels dropped per
+                token, its top ``lm_head_candidates`` logits recomputed exactly (default 64);
+                adds to a budget's bytes.
+            lm_head_candidates: logits recomputed exactly per token.
             **levels: a level per unit kind, e.g. ``mlp=0.7, heads=0.0``.
 
         Example:
@@ -177,15 +183,23 @@ class SparseActivationModule(L.LightningModule):
             phase=phase,
             budget=budget,
             allocation=allocation,
+            lm_head=lm_head,
+            lm_head_candidates=lm_head_candidates,
             **levels,
         )
         selectors = build_selectors(config, self.architecture, self.statistics)
         self.disable_sparsity()
         claim(self.model, self)  # takes the model back from another wrapper, if one took it
         self._sparsity = config
-        if selectors:
+        if selectors or config.lm_head:
             self._sparsifier = Sparsifier(
-                self.model, self.architecture, selectors, owner=self, phase=config.phase
+                self.model,
+                self.architecture,
+                selectors,
+                owner=self,
+                phase=config.phase,
+                lm_head=config.lm_head,
+                lm_head_candidates=config.lm_head_candidates,
             )
         return config
 
@@ -230,7 +244,9 @@ class SparseActivationModule(L.LightningModule):
         realized = self.sparsifier.realized() if self.sparsifier is not None else {}
         if reset and self.sparsifier is not None:
             self.sparsifier.reset_counts()
-        return sparsity_report(realized, self.architecture)
+        element_size = next(self.model.parameters()).element_size()
+        candidates = self._sparsity.lm_head_candidates if self._sparsity.lm_head else 0
+        return sparsity_report(realized, self.architecture, candidates, element_size)
 
     def compact(self) -> PreTrainedModel:
         """A smaller stock model without the units the current static masks drop.

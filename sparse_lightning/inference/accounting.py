@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 from sparse_lightning.architectures import ResolvedArchitecture
+from sparse_lightning.inference.output import KIND as OUTPUT_KIND
+from sparse_lightning.inference.output import candidate_macs
 from sparse_lightning.units import UNIT_KINDS
 
 
@@ -28,26 +30,42 @@ def linear_macs_per_token(architecture: ResolvedArchitecture) -> dict[str, int]:
     return out
 
 
-def decode_bytes_skipped(realized: dict[str, float], architecture: ResolvedArchitecture) -> float:
+def decode_bytes_skipped(
+    realized: dict[str, float],
+    architecture: ResolvedArchitecture,
+    lm_head_candidates: int = 0,
+    element_size: int = 4,
+) -> float:
     """The share of the weight bytes streamed per decode token that input-sparse execution
     skips: a dropped channel's weights in every projection that reads it (heads and neurons:
-    their columns of o and down, not the rows of the projections that made them)."""
+    their columns of o and down, not the rows of the projections that made them), and the
+    output projection's dropped input rows less what recomputing its ``lm_head_candidates``
+    logits reads (a cache line of ``element_size``-byte weights per candidate weight)."""
     skipped = sum(
         ratio * architecture.site_macs_all_layers(UNIT_KINDS[kind].site)
         for kind, ratio in realized.items()
+        if kind in UNIT_KINDS
     )
+    if realized.get(OUTPUT_KIND):
+        skipped += realized[OUTPUT_KIND] * architecture.output_macs
+        skipped -= candidate_macs(lm_head_candidates, architecture.hidden_size, element_size)
     return skipped / architecture.linear_macs()
 
 
 def sparsity_report(
-    realized: dict[str, float], architecture: ResolvedArchitecture
+    realized: dict[str, float],
+    architecture: ResolvedArchitecture,
+    lm_head_candidates: int = 0,
+    element_size: int = 4,
 ) -> dict[str, float]:
     """Per-kind zero ratios, the paper's sparsity figure, the share of linear-layer MACs that
     the zeroed units account for, and the share of decode bytes skipped (with its bound).
 
     Args:
-        realized: unit kind -> fraction of unit-tokens zeroed (kinds left out: 0).
+        realized: unit kind (or ``"lm_head"``, the output projection's input) -> fraction of
+            unit-tokens zeroed (kinds left out: 0).
         architecture: the resolved model (its output projection counts in the total).
+        lm_head_candidates, element_size: see :func:`decode_bytes_skipped`.
     """
     macs = linear_macs_per_token(architecture)
     report: dict[str, float] = {}
@@ -57,8 +75,11 @@ def sparsity_report(
         report[kind.ratio_key] = ratio
         paper += kind.paper_weight * ratio
         skipped += ratio * architecture.depth(name) * architecture.units(name) * macs[name]
+    report["lm_head_zero_ratio"] = realized.get(OUTPUT_KIND, 0.0)
     report["paper_sparsity"] = paper
     report["linear_macs_skippable"] = skipped / macs["total"]
-    report["decode_bytes_skipped"] = decode_bytes_skipped(realized, architecture)
+    report["decode_bytes_skipped"] = decode_bytes_skipped(
+        realized, architecture, lm_head_candidates, element_size
+    )
     report["decode_byte_bound"] = 1.0 / (1.0 - report["decode_bytes_skipped"])
     return report

@@ -36,6 +36,8 @@ from sparse_lightning.attribution.capture import CapturedUnits
 from sparse_lightning.inference.executor import Executor
 from sparse_lightning.inference.gate import GateExecutor
 from sparse_lightning.inference.mask import MaskExecutor
+from sparse_lightning.inference.output import KIND as OUTPUT_KIND
+from sparse_lightning.inference.output import OutputExecutor
 from sparse_lightning.inference.skip import threshold_executor
 from sparse_lightning.selection import Selector, StaticSelector, prepare_oracles
 from sparse_lightning.selection.modes import PHASES
@@ -90,6 +92,10 @@ class Sparsifier:
             past) run dense and single-token decode steps sparse, as the paper and TEAL do;
             inside :meth:`sparse_positions` exactly the given positions are sparse (teacher
             forcing emulates decoding). ``"all"``: every token of every forward is sparse.
+        lm_head: the fraction of the output projection's input channels dropped per token
+            (each token's largest kept), its ``lm_head_candidates`` largest logits recomputed
+            exactly (see :mod:`~sparse_lightning.inference.output`); 0 keeps it dense.
+        lm_head_candidates: logits recomputed exactly per token.
 
     Attributes:
         enabled: ``False`` runs the model dense (see :meth:`paused`).
@@ -104,6 +110,8 @@ class Sparsifier:
         selectors: Mapping[str, Selector],
         owner: object | None = None,
         phase: str = "decode",
+        lm_head: float = 0.0,
+        lm_head_candidates: int = 64,
     ) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
@@ -116,6 +124,8 @@ class Sparsifier:
         self.enabled = True
         self.gather = True
         self._rows = {kind: row for row, kind in enumerate(self.selectors)}
+        if lm_head > 0:
+            self._rows[OUTPUT_KIND] = len(self._rows)
         self._tally: Tensor | None = None
         self._positions: Tensor | None = None
         # Tokens per sequence of the layer running now, for sites whose input has lost the
@@ -130,6 +140,11 @@ class Sparsifier:
             for kind, selector in self.selectors.items()
             for layer in range(architecture.depth(kind))
         ]
+        self.output = (
+            OutputExecutor(self, model.get_output_embeddings(), lm_head, lm_head_candidates)
+            if lm_head > 0
+            else None
+        )
         _INSTALLED[model] = self
 
     @property
@@ -142,6 +157,9 @@ class Sparsifier:
         for executor in self.executors:
             executor.remove()
         self.executors.clear()
+        if self.output is not None:
+            self.output.remove()
+            self.output = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -167,6 +185,15 @@ class Sparsifier:
             return self._positions
         per_sequence = x.shape[-2] if x.dim() >= 3 else self._sequence
         return per_sequence == 1
+
+    def output_rows(self, x: Tensor) -> bool | Tensor:
+        """:meth:`sparse_rows` for the output projection, whose input may hold only a prompt's
+        last position (``logits_to_keep``): a decode step is a forward whose decoder layers
+        ran one token per sequence."""
+        rows = self.sparse_rows(x)
+        if rows is True and self.phase == "decode" and self._positions is None:
+            return self._sequence == 1
+        return rows
 
     @contextmanager
     def sparse_positions(self, mask: Tensor) -> Iterator[None]:

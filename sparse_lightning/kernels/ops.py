@@ -3,6 +3,9 @@
 ``torch.ops.sparse_lightning.input_sparse_linear(x, weight_t, threshold, bias)`` computes
 ``(x * (|x| >= threshold)) @ weight_t + bias`` while reading only the rows of ``weight_t``
 (``(in_features, out_features)``, the weight stored transposed) whose input channel is kept.
+``input_sparse_linear_topk(x, weight_t, keep, bias)`` keeps instead each token's ``keep``
+channels of largest magnitude (those at or above the ``keep``-th largest ``|x_i|``), the
+per-token count that the output projection's input uses (no calibrated threshold).
 The C++ source (``csrc/input_sparse_linear.cpp``) is compiled with
 ``torch.utils.cpp_extension`` the first time :func:`load` runs (AVX2/FMA when this CPU has
 them, OpenMP threads through ``at::parallel_for``) and cached by torch's extension cache. A
@@ -31,6 +34,8 @@ from torch import Tensor
 
 NAME = "sparse_lightning::input_sparse_linear"
 SCHEMA = "(Tensor x, Tensor weight_t, float threshold, Tensor? bias) -> Tensor"
+TOPK_NAME = "sparse_lightning::input_sparse_linear_topk"
+TOPK_SCHEMA = "(Tensor x, Tensor weight_t, int keep, Tensor? bias) -> Tensor"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "input_sparse_linear.cpp"
 
 _state: dict[str, object] = {}
@@ -40,6 +45,25 @@ def reference(x: Tensor, weight_t: Tensor, threshold: float, bias: Tensor | None
     """The op's math in plain PyTorch: the fallback, and what the kernel is tested against."""
     kept = x * (x.abs() >= threshold).to(x.dtype)
     y = kept @ weight_t
+    return y if bias is None else y + bias
+
+
+def top_k_channels(x: Tensor, keep: int) -> Tensor:
+    """The top-k op's keep-mask: each token's channels at or above its ``keep``-th largest
+    magnitude (every channel when ``keep >= in_features``, none at 0)."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}.")
+    magnitude = x.abs()
+    if keep == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if keep >= x.shape[-1]:
+        return torch.ones_like(x, dtype=torch.bool)
+    return magnitude >= magnitude.topk(keep, dim=-1).values[..., keep - 1 :]
+
+
+def reference_topk(x: Tensor, weight_t: Tensor, keep: int, bias: Tensor | None) -> Tensor:
+    """The top-k op's math in plain PyTorch (see :func:`top_k_channels`)."""
+    y = (x * top_k_channels(x, keep).to(x.dtype)) @ weight_t
     return y if bias is None else y + bias
 
 
@@ -54,9 +78,19 @@ def load() -> Callable[..., Tensor]:
         if not _state["compiled"]:
             torch.library.define(NAME, SCHEMA)
             torch.library.impl(NAME, "CompositeExplicitAutograd")(reference)
+            torch.library.define(TOPK_NAME, TOPK_SCHEMA)
+            torch.library.impl(TOPK_NAME, "CompositeExplicitAutograd")(reference_topk)
         torch.library.register_fake(NAME)(_fake)
+        torch.library.register_fake(TOPK_NAME)(_fake)
         _state["op"] = torch.ops.sparse_lightning.input_sparse_linear
+        _state["topk"] = torch.ops.sparse_lightning.input_sparse_linear_topk
     return _state["op"]  # type: ignore[return-value]
+
+
+def load_topk() -> Callable[..., Tensor]:
+    """``torch.ops.sparse_lightning.input_sparse_linear_topk`` (built as :func:`load` does)."""
+    load()
+    return _state["topk"]  # type: ignore[return-value]
 
 
 def compiled() -> bool:
@@ -65,7 +99,7 @@ def compiled() -> bool:
     return bool(_state["compiled"])
 
 
-def _fake(x: Tensor, weight_t: Tensor, threshold: float, bias: Tensor | None) -> Tensor:
+def _fake(x: Tensor, weight_t: Tensor, threshold: float | int, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 

@@ -62,7 +62,7 @@ def check_level(name: str, value: object) -> float:
 
 
 #: The constructor's options besides the levels.
-OPTIONS = ("mode", "metric", "phase", "budget", "allocation")
+OPTIONS = ("mode", "metric", "phase", "budget", "allocation", "lm_head", "lm_head_candidates")
 
 
 class SparsityConfig:
@@ -83,6 +83,12 @@ class SparsityConfig:
             ``mode="dynamic"``.
         allocation: ``"auto"`` (default: the measured table the checkpoint holds, greedy
             first, else uniform), ``"uniform"``, ``"greedy"`` (TEAL) or ``"attribution"``.
+        lm_head: the fraction of the output projection's input channels dropped per token
+            (each token keeps its largest; no calibration needed), in ``[0, 1)``; its
+            ``lm_head_candidates`` largest logits are recomputed exactly, so greedy decoding
+            keeps the dense token whenever it ranks among them (see
+            :mod:`~sparse_lightning.inference.output`). It adds to a ``budget``'s bytes.
+        lm_head_candidates: logits recomputed exactly per token (default 64).
         **per_kind: levels as keywords (``mlp=0.5, heads=0.25``), merged into ``levels``.
 
     Raises:
@@ -90,7 +96,16 @@ class SparsityConfig:
             unknown mode or metric.
     """
 
-    __slots__ = ("allocation", "budget", "levels", "metric", "mode", "phase")
+    __slots__ = (
+        "allocation",
+        "budget",
+        "levels",
+        "lm_head",
+        "lm_head_candidates",
+        "metric",
+        "mode",
+        "phase",
+    )
 
     def __init__(
         self,
@@ -101,6 +116,8 @@ class SparsityConfig:
         phase: str = "decode",
         budget: float | None = None,
         allocation: str = "auto",
+        lm_head: float = 0.0,
+        lm_head_candidates: int = 64,
         **per_kind: float,
     ) -> None:
         given = {**dict(levels or {}), **per_kind}
@@ -137,6 +154,17 @@ class SparsityConfig:
                 )
         object.__setattr__(self, "budget", budget)
         object.__setattr__(self, "allocation", allocation)
+        object.__setattr__(self, "lm_head", check_level("lm_head sparsity", lm_head))
+        if (
+            isinstance(lm_head_candidates, bool)
+            or not isinstance(lm_head_candidates, numbers.Integral)
+            or lm_head_candidates < 1
+        ):
+            raise ValueError(
+                f"lm_head_candidates must be a whole number >= 1 (logits recomputed exactly per "
+                f"token), got {lm_head_candidates!r}; 64 is the default."
+            )
+        object.__setattr__(self, "lm_head_candidates", int(lm_head_candidates))
 
     @classmethod
     def uniform(cls, sparsity: float, **options: Any) -> SparsityConfig:
@@ -186,6 +214,8 @@ class SparsityConfig:
         options = f"mode={self.mode!r}, metric={self.metric!r}, phase={self.phase!r}"
         if self.budget is not None:
             options += f", budget={self.budget}, allocation={self.allocation!r}"
+        if self.lm_head:
+            options += f", lm_head={self.lm_head}, lm_head_candidates={self.lm_head_candidates}"
         return f"SparsityConfig({levels}{', ' if levels else ''}{options})"
 
     def __reduce__(self) -> tuple:
@@ -193,7 +223,7 @@ class SparsityConfig:
 
     @property
     def is_dense(self) -> bool:
-        return not any(self.levels.values()) and not self.budget
+        return not any(self.levels.values()) and not self.budget and not self.lm_head
 
     def replace(self, **changes: Any) -> SparsityConfig:
         """A copy with some levels (as keywords), ``mode`` or ``metric`` changed."""
@@ -208,6 +238,8 @@ class SparsityConfig:
             "phase": self.phase,
             "budget": self.budget,
             "allocation": self.allocation,
+            "lm_head": self.lm_head,
+            "lm_head_candidates": self.lm_head_candidates,
         }
 
 

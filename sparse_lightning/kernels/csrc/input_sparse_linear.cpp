@@ -1,5 +1,6 @@
 // Input-sparse linear layer for batch-1 decode: y = sum over kept input channels i of
-// x_i * W_t[i, :] + bias, where a channel is kept when |x_i| >= threshold.
+// x_i * W_t[i, :] + bias, where a channel is kept when |x_i| >= threshold, or (the _topk op)
+// when |x_i| is at least the keep-th largest magnitude of its token.
 //
 // W_t is the weight stored transposed, (in_features, out_features) with rows contiguous, so
 // the weights of a dropped channel (one row) are never read. The threshold is applied here
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -123,6 +125,30 @@ inline int64_t kept_channels(const float* x, int64_t in, float t, int64_t* index
   return count;
 }
 
+// The keep-th largest |x_i| of one token (keep in [1, in)), the threshold of the _topk op.
+template <typename T>
+inline T kth_magnitude(const T* x, int64_t in, int64_t keep, std::vector<T>& scratch) {
+  for (int64_t i = 0; i < in; ++i) {
+    scratch[i] = std::abs(x[i]);
+  }
+  std::nth_element(scratch.begin(), scratch.begin() + (keep - 1), scratch.begin() + in,
+                   [](T a, T b) { return a > b; });
+  return scratch[keep - 1];
+}
+
+// A token's threshold: the given one, or (keep >= 0) the one keeping its keep largest.
+template <typename T>
+inline T token_threshold(const T* x, int64_t in, T threshold, int64_t keep,
+                         std::vector<T>& scratch) {
+  if (keep < 0) {
+    return threshold;
+  }
+  if (keep == 0) {
+    return std::numeric_limits<T>::infinity();
+  }
+  return keep >= in ? T(0) : kth_magnitude(x, in, keep, scratch);
+}
+
 // Columns per parallel task: a multiple of the vector width.
 constexpr int64_t kGrain = 64;
 // Below this many output columns per thread, threads split the kept rows instead of the
@@ -133,7 +159,7 @@ constexpr int64_t kColumnsPerThread = 1024;
 // double lets tests compare with a masked reference without float32's rounding flipping a
 // channel that sits at the threshold.
 template <typename T>
-void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold,
+void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t keep,
          const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t in = weight_t.size(0), out = weight_t.size(1);
   const auto xc = x.contiguous();
@@ -149,9 +175,10 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold,
   std::vector<int64_t> index(in);
   std::vector<T> value(in);
   std::vector<T> partial(split_rows ? threads * out : 0);
+  std::vector<T> scratch(keep >= 0 ? in : 0);
   for (int64_t r = 0; r < tokens; ++r) {
-    const int64_t kept =
-        kept_channels<T>(xp + r * in, in, threshold, index.data(), value.data());
+    const T t = token_threshold<T>(xp + r * in, in, threshold, keep, scratch);
+    const int64_t kept = kept_channels<T>(xp + r * in, in, t, index.data(), value.data());
     T* yr = yp + r * out;
     if (!split_rows) {
       at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
@@ -177,8 +204,9 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold,
   }
 }
 
-at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t,
-                               double threshold, const std::optional<at::Tensor>& bias) {
+// Both ops: keep < 0 applies ``threshold``, keep >= 0 keeps each token's keep largest.
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, double threshold,
+                         int64_t keep, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight_t.dim() == 2, "weight_t must be 2-d (in_features, out_features)");
   const int64_t in = weight_t.size(0), out = weight_t.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "x's last dimension (", x.size(-1),
@@ -194,25 +222,49 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t,
                     x.device().is_cpu() && (!bias.has_value() || bias->scalar_type() == dtype);
   if (!fast) {
     // Other dtypes and layouts: the same math with ATen operators (reads every weight).
-    auto kept = x * (x.abs() >= threshold).to(x.scalar_type());
+    auto magnitude = x.abs();
+    at::Tensor t;
+    if (keep < 0) {
+      t = at::full({}, threshold, x.options());
+    } else if (keep == 0) {
+      t = at::full({}, std::numeric_limits<double>::infinity(), x.options());
+    } else if (keep >= in) {
+      t = at::zeros({}, x.options());
+    } else {
+      t = std::get<0>(magnitude.topk(keep, -1)).narrow(-1, keep - 1, 1);
+    }
+    auto kept = x * (magnitude >= t).to(x.scalar_type());
     auto y = at::matmul(kept, weight_t);
     return bias.has_value() ? y + *bias : y;
   }
   auto y = at::empty(sizes, x.options());
   if (x.scalar_type() == at::kFloat) {
-    run<float>(x, weight_t, static_cast<float>(threshold), bias, y);
+    run<float>(x, weight_t, static_cast<float>(threshold), keep, bias, y);
   } else {
-    run<double>(x, weight_t, threshold, bias, y);
+    run<double>(x, weight_t, threshold, keep, bias, y);
   }
   return y;
+}
+
+at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t,
+                               double threshold, const std::optional<at::Tensor>& bias) {
+  return sparse_linear(x, weight_t, threshold, -1, bias);
+}
+
+at::Tensor input_sparse_linear_topk(const at::Tensor& x, const at::Tensor& weight_t,
+                                    int64_t keep, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(keep >= 0, "keep must be >= 0, got ", keep);
+  return sparse_linear(x, weight_t, 0.0, keep, bias);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sparse_lightning, m) {
   m.def("input_sparse_linear(Tensor x, Tensor weight_t, float threshold, Tensor? bias) -> Tensor");
+  m.def("input_sparse_linear_topk(Tensor x, Tensor weight_t, int keep, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparse_lightning, CPU, m) {
   m.impl("input_sparse_linear", &input_sparse_linear);
+  m.impl("input_sparse_linear_topk", &input_sparse_linear_topk);
 }

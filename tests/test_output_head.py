@@ -1,0 +1,237 @@
+"""The sparse-input lm_head with exact candidates, against hand computations and masked models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ARCH_TYPES, decode_logits, tiny_model
+
+from sparse_lightning import SparseActivationModule, SparsityConfig, resolve
+from sparse_lightning.inference import Sparsifier
+from sparse_lightning.inference.accounting import decode_bytes_skipped
+from sparse_lightning.kernels import load_topk
+
+PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
+
+
+def by_hand(x: torch.Tensor, weight_t: torch.Tensor, keep: int, bias) -> torch.Tensor:
+    """Per token: sort the magnitudes, keep channels at or above the keep-th, sum their rows."""
+    rows = []
+    for token in x.reshape(-1, x.shape[-1]).double():
+        values = token.tolist()
+        ordered = sorted((abs(v) for v in values), reverse=True)
+        t = float("inf") if keep == 0 else ordered[min(keep, len(values)) - 1]
+        y = torch.zeros(weight_t.shape[1], dtype=torch.float64)
+        for i, value in enumerate(values):
+            if abs(value) >= t:
+                y += value * weight_t[i].double()
+        rows.append(y if bias is None else y + bias.double())
+    return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 200), (96, 3000)])
+@pytest.mark.parametrize("keep", [0, 1, 5, 48, 200])
+def test_topk_kernel_equals_a_hand_computation(shape, keep):
+    g = torch.Generator().manual_seed(sum(shape) + keep)
+    weight_t = torch.randn(*shape, generator=g)
+    bias = torch.randn(shape[1], generator=g)
+    for x in (torch.randn(1, shape[0], generator=g), torch.randn(2, 3, shape[0], generator=g)):
+        for b in (None, bias):
+            got = load_topk()(x, weight_t, keep, b)
+            torch.testing.assert_close(
+                got.double(), by_hand(x, weight_t, keep, b), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_topk_opcheck_passes_and_a_negative_count_is_refused():
+    g = torch.Generator().manual_seed(2)
+    op = load_topk()
+    torch.library.opcheck(op, (torch.randn(1, 24, generator=g), torch.randn(24, 40), 6, None))
+    torch.library.opcheck(
+        op, (torch.randn(2, 3, 24, generator=g), torch.randn(24, 40), 9, torch.randn(40))
+    )
+    with pytest.raises(RuntimeError, match="keep must be >= 0"):
+        op(torch.randn(1, 4), torch.randn(4, 3), -1, None)
+
+
+def masked_head_decode(model_type: str, level: float, candidates: int) -> torch.Tensor:
+    """A plain model whose own lm_head hook, on decode steps only, recomputes the logits from
+    each token's largest ``1 - level`` input channels and writes the dense logits back over
+    the ``candidates`` largest of them (no sparse_lightning code involved)."""
+    model = tiny_model(model_type)
+    head = model.get_output_embeddings()
+    keep = max(1, head.in_features - round(level * head.in_features))
+
+    def rescore(module, args, output):
+        x = args[0]
+        if x.numel() != x.shape[-1]:  # the prompt: dense
+            return None
+        t = x.abs().sort(dim=-1, descending=True).values[..., keep - 1 : keep]
+        approx = F.linear(x * (x.abs() >= t).to(x.dtype), module.weight, module.bias)
+        index = approx.topk(candidates, dim=-1).indices
+        return approx.scatter(-1, index, output.gather(-1, index))
+
+    head.register_forward_hook(rescore)
+    return decode_logits(model, PROMPT)
+
+
+# 0.01 of 32 channels rounds to none dropped: the kernel path with every channel kept.
+@pytest.mark.parametrize("level,candidates", [(0.01, 1), (0.5, 1), (0.5, 4), (0.9, 4)])
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_lm_head_decode_through_the_kernel_equals_the_masked_reference(
+    model_type, level, candidates
+):
+    module = SparseActivationModule(tiny_model(model_type))
+    module.set_sparsity(lm_head=level, lm_head_candidates=candidates)
+    kernel = decode_logits(module.model, PROMPT)
+    expected = masked_head_decode(model_type, level, candidates)
+    torch.testing.assert_close(kernel, expected, rtol=1e-5, atol=1e-5)
+    ratio = module.realized_sparsity()["lm_head_zero_ratio"]
+    assert ratio == pytest.approx(round(level * 32) / 32)  # hidden size 32, every step counted
+    if ratio > 0:  # the approximation really changed logits outside the candidates
+        assert not torch.allclose(kernel, decode_logits(tiny_model(model_type), PROMPT))
+    module.sparsifier.gather = False  # the executor's own masked path agrees too
+    torch.testing.assert_close(decode_logits(module.model, PROMPT), kernel, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi"])
+def test_every_candidate_recomputed_is_the_dense_model(model_type):
+    """With as many candidates as the vocabulary, every logit is recomputed exactly."""
+    module = SparseActivationModule(tiny_model(model_type))
+    module.set_sparsity(lm_head=0.9, lm_head_candidates=10_000)
+    torch.testing.assert_close(
+        decode_logits(module.model, PROMPT),
+        decode_logits(tiny_model(model_type), PROMPT),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_prompt_is_dense_and_removal_restores_the_model_bit_for_bit(model_type):
+    """gpt2 and opt tie the lm_head to the input embedding, which reads the transposed
+    storage through a view while the executor is installed."""
+    model = tiny_model(model_type)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (model_type != "llama")
+    module = SparseActivationModule(model)
+    module.set_sparsity(lm_head=0.5)
+    ids = torch.randint(3, 99, (2, 24), generator=torch.Generator().manual_seed(3))
+    plain = tiny_model(model_type)
+    with torch.no_grad():
+        assert torch.equal(module.model(ids).logits, plain(ids).logits)
+        # generate's prompt forward keeps only the last position's logits: still dense.
+        last = module.model(ids[:1], logits_to_keep=1).logits
+        torch.testing.assert_close(last, plain(ids[:1]).logits[:, -1:], rtol=1e-5, atol=1e-6)
+    assert module.realized_sparsity()["lm_head_zero_ratio"] == 0.0
+    module.disable_sparsity()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert model.get_output_embeddings().weight.is_contiguous()
+    assert torch.equal(decode_logits(model, PROMPT), decode_logits(plain, PROMPT))
+
+
+def test_a_compiled_decode_step_with_the_lm_head_has_no_graph_break():
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    Sparsifier(model, resolve(model), {}, lm_head=0.5, lm_head_candidates=3)
+    model.set_attn_implementation("eager")
+    where = torch.tensor([3])
+
+    def step(forward):
+        cache = StaticCache(config=model.config, max_cache_len=8)
+        with torch.no_grad():
+            out = model(
+                input_ids=PROMPT[:, :3], past_key_values=cache, cache_position=torch.arange(3)
+            )
+            token = out.logits[:, -1:].argmax(-1)
+            return forward(
+                input_ids=token,
+                past_key_values=cache,
+                cache_position=where,
+                position_ids=where[None],
+            ).logits
+
+    eager = step(model.forward)
+    compiled_step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(step(compiled_step), eager, rtol=1e-5, atol=1e-6)
+
+
+def test_lm_head_bytes_by_hand():
+    """Tiny llama: 2 layers, hidden 32, 37 neurons, vocab 99, untied lm_head (99 x 32)."""
+    arch = resolve(tiny_model("llama"))
+    total = arch.linear_macs()
+    # half of the lm_head's 3168 weights, less 2 candidates x 32 rows x 16 floats per line
+    expected = (0.5 * 99 * 32 - 2 * 32 * 16) / total
+    assert decode_bytes_skipped({"lm_head": 0.5}, arch, 2, 4) == pytest.approx(expected)
+    both = decode_bytes_skipped({"lm_head": 0.5, "mlp": 0.25}, arch, 2, 4)
+    assert both == pytest.approx(expected + 0.25 * 2 * 37 * 32 / total)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"lm_head": 1.0}, r"lm_head sparsity must be in \[0, 1\)"),
+        ({"lm_head": "0.5"}, "lm_head sparsity must be a number"),
+        ({"lm_head": 0.5, "lm_head_candidates": 0}, "lm_head_candidates must be a whole number"),
+        ({"lm_head": 0.5, "lm_head_candidates": 2.5}, "lm_head_candidates must be a whole number"),
+    ],
+)
+def test_bad_lm_head_options_are_refused(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        SparsityConfig(**options)
+
+
+def test_config_round_trips_its_lm_head_options():
+    config = SparsityConfig(budget=0.2, lm_head=0.5, lm_head_candidates=16)
+    assert config.replace(lm_head=0.3).lm_head == 0.3
+    assert config.replace(lm_head=0.3).lm_head_candidates == 16
+    assert not SparsityConfig(lm_head=0.5).is_dense
+    assert "lm_head=0.5" in repr(config)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_with_a_sparse_lm_head(smollm2):
+    """32 greedy tokens of the real model with half of the lm_head's input dropped per token
+    (float64, so no near-tie flips between the two paths): with 4 candidates they equal those
+    of a separate copy whose own hook does the same on decode steps; with 64 they equal the
+    dense model's, since the dense token always ranks among the candidates here."""
+    import copy
+
+    model, tokenizer = smollm2
+    dense = copy.deepcopy(model).double()
+    reference = copy.deepcopy(model).double()
+    layers = {"tokens": 0}
+    reference.model.layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: layers.update(
+            tokens=(args or [kwargs["hidden_states"]])[0].shape[1]
+        ),
+        with_kwargs=True,
+    )
+    keep = 576 - round(0.5 * 576)
+
+    def rescore(module, args, output):
+        if layers["tokens"] != 1:
+            return None  # the prompt's forward runs dense
+        x = args[0]
+        t = x.abs().sort(dim=-1, descending=True).values[..., keep - 1 : keep]
+        approx = F.linear(x * (x.abs() >= t).to(x.dtype), module.weight)
+        index = approx.topk(4, dim=-1).indices
+        return approx.scatter(-1, index, output.gather(-1, index))
+
+    reference.get_output_embeddings().register_forward_hook(rescore)
+    module = SparseActivationModule(copy.deepcopy(model).double(), tokenizer=tokenizer)
+    ids = tokenizer("The three primary colors are", return_tensors="pt")
+
+    def greedy(m) -> list[int]:
+        with torch.no_grad():
+            out = m.generate(**ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        return out[0, ids["input_ids"].shape[1] :].tolist()
+
+    module.set_sparsity(lm_head=0.5, lm_head_candidates=4)
+    assert greedy(module.model) == greedy(reference)
+    assert module.realized_sparsity()["lm_head_zero_ratio"] == pytest.approx(0.5)
+    module.set_sparsity(lm_head=0.5, lm_head_candidates=64)
+    assert greedy(module.model) == greedy(dense)
