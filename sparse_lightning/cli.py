@@ -95,6 +95,8 @@ class EvaluationOptions:
         allocations: how each budget spreads (``auto``: the best measured table the
             checkpoint holds, else uniform; ``uniform``; ``greedy`` and ``attribution`` need
             ``calibration.allocations``).
+        lm_head: levels of the lm_head's input (per token, its top 64 logits recomputed
+            exactly), each tried with every budget; 0 keeps it dense.
         metric: ranking metric of ``static`` and ``oracle``.
         generation: greedy-answer metrics (BLEU vs dense, SacreBLEU/ROUGE/SQuAD vs gold).
         teacher_forced: top-1 agreement, KL vs dense, gold perplexity.
@@ -110,6 +112,7 @@ class EvaluationOptions:
     levels: dict[str, list[float]] = field(default_factory=lambda: {"mlp": [0.5, 0.7, 0.9]})
     budgets: list[float] = field(default_factory=list)
     allocations: list[str] = field(default_factory=lambda: ["auto"])
+    lm_head: list[float] = field(default_factory=lambda: [0.0])
     metric: str = "corrected_gxo"
     generation: bool = True
     teacher_forced: bool = True
@@ -249,7 +252,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise ValueError(f"must be >= 1, got {recipe.model.max_new_tokens}.")
 
     def modes() -> None:
-        if not evaluation.modes and not evaluation.budgets:
+        if not evaluation.modes and not evaluation.budgets and not any(evaluation.lm_head):
             raise ValueError("give at least one selection mode (e.g. [dynamic]) or budget.")
 
     def speed() -> None:
@@ -279,6 +282,7 @@ def check_recipe(recipe: Recipe) -> None:
             evaluation.metric,
             evaluation.budgets,
             evaluation.allocations,
+            evaluation.lm_head,
         ),
     )
     option("export", lambda: SparsityConfig(export.levels, mode="static", metric=export.metric))
@@ -327,7 +331,12 @@ def evaluate(
     _load_checkpoint(module, path)
     options = recipe.evaluation
     settings = sweep_settings(
-        options.modes, options.levels, options.metric, options.budgets, options.allocations
+        options.modes,
+        options.levels,
+        options.metric,
+        options.budgets,
+        options.allocations,
+        options.lm_head,
     )
     started = time.time()
     rows = run_sweep(

@@ -235,3 +235,21 @@ def test_smollm2_greedy_tokens_with_a_sparse_lm_head(smollm2):
     assert module.realized_sparsity()["lm_head_zero_ratio"] == pytest.approx(0.5)
     module.set_sparsity(lm_head=0.5, lm_head_candidates=64)
     assert greedy(module.model) == greedy(dense)
+
+
+def test_sweep_settings_try_each_lm_head_level_with_every_budget():
+    from sparse_lightning.evaluation import sweep_settings
+    from sparse_lightning.evaluation.sweep import is_dense_row, method
+
+    settings = sweep_settings(["dynamic"], {"mlp": [0.5]}, budgets=[0.0, 0.2], lm_head=[0.0, 0.5])
+    budgets = [(s.budget, s.lm_head) for s in settings[2:]]
+    assert budgets == [(0.2, 0.0), (None, 0.5), (0.2, 0.5)]
+    rows = [s.as_dict() for s in settings]
+    assert [method(r) for r in rows] == [
+        "dense",
+        "dynamic",
+        "budget auto",
+        "budget auto + lm_head 0.5",
+        "budget auto + lm_head 0.5",
+    ]
+    assert [is_dense_row(r) for r in rows] == [True, False, False, False, False]

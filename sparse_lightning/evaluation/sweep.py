@@ -37,6 +37,7 @@ def sweep_settings(
     metric: str = "corrected_gxo",
     budgets: Sequence[float] = (),
     allocations: Sequence[str] = ("auto",),
+    lm_head: Sequence[float] = (0.0,),
     **per_kind: Sequence[float],
 ) -> list[SparsityConfig]:
     """The dense model first, then every mode at every combination of levels but all-zero,
@@ -49,6 +50,8 @@ def sweep_settings(
         metric: ranking metric of ``static`` and ``oracle``.
         budgets: shares of the decode weight bytes to skip.
         allocations: how each budget spreads over channel kinds and layers.
+        lm_head: levels of the output projection's input, each tried with every budget (a
+            budget of 0 with a level > 0 sparsifies only the lm_head).
     """
     grid = {**dict(levels or {}), **per_kind}
     kinds = check_kinds(grid or UNIT_KINDS, "sweep levels")
@@ -59,10 +62,11 @@ def sweep_settings(
             if any(chosen.values()):
                 settings.append(SparsityConfig(chosen, mode=mode, metric=metric))
     settings += [
-        SparsityConfig(budget=budget, allocation=allocation)
+        SparsityConfig(budget=budget or None, allocation=allocation, lm_head=head)
+        for head in lm_head
         for allocation in allocations
         for budget in budgets
-        if budget
+        if budget or head
     ]
     return settings
 
@@ -71,12 +75,16 @@ def method(row: Mapping[str, Any]) -> str:
     """How a result row chose its units: the mode, or the allocation of a byte budget."""
     if is_dense_row(row):
         return "dense"
-    return f"budget {row['allocation']}" if row.get("budget") else row["mode"]
+    head = f" + lm_head {row['lm_head']:g}" if row.get("lm_head") else ""
+    if row.get("budget") or head:
+        return f"budget {row['allocation']}{head}"
+    return row["mode"]
 
 
 def is_dense_row(row: Mapping[str, Any]) -> bool:
     """A result row of the dense setting (every kind at 0, no budget)."""
-    return not any(row.get(kind, 0.0) for kind in UNIT_KINDS) and not row.get("budget")
+    sparse = any(row.get(kind, 0.0) for kind in UNIT_KINDS)
+    return not sparse and not row.get("budget") and not row.get("lm_head")
 
 
 def run_sweep(
