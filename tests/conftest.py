@@ -121,6 +121,22 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def static_cache_step(model, forward, prompt: torch.Tensor) -> torch.Tensor:
+    """The logits of one decode step through ``forward`` (``model.forward`` or a compiled
+    version of it) after ``prompt`` filled a fresh static KV cache: the tuned loop's shapes."""
+    from transformers import StaticCache
+
+    length = prompt.shape[1]
+    where = torch.tensor([length])
+    cache = StaticCache(config=model.config, max_cache_len=length + 5)
+    with torch.no_grad():
+        out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length))
+        token = out.logits[:, -1:].argmax(-1)
+        return forward(
+            input_ids=token, past_key_values=cache, cache_position=where, position_ids=where[None]
+        ).logits
+
+
 def decode_logits(model, prompt: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Greedy batch-1 decode with a KV cache: the prompt in one forward, then one token a step;
     the last position's logits of every forward."""

@@ -9,7 +9,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ARCH_TYPES, calibrate, decode_logits, loader_of, tiny_model, token_pairs
+from conftest import (
+    ARCH_TYPES,
+    calibrate,
+    decode_logits,
+    loader_of,
+    static_cache_step,
+    tiny_model,
+    token_pairs,
+)
 
 from sparse_lightning import SparseActivationModule, resolve
 from sparse_lightning.inference import Sparsifier
@@ -213,28 +221,14 @@ def test_prompt_forwards_stay_dense_in_the_decode_phase(model_type, checkpoints)
 
 
 def test_a_compiled_decode_step_has_no_graph_break_and_matches_eager():
-    from transformers import StaticCache
-
     model = tiny_model("llama")
     arch = resolve(model)
     selectors = {k: DynamicSelector(torch.full((2,), 0.3)) for k in ("attn_input", "mlp")}
     sparsifier = Sparsifier(model, arch, selectors)
     model.set_attn_implementation("eager")
-    where = torch.tensor([3])
 
     def step(forward):
-        cache = StaticCache(config=model.config, max_cache_len=8)
-        with torch.no_grad():
-            out = model(
-                input_ids=PROMPT[:, :3], past_key_values=cache, cache_position=torch.arange(3)
-            )
-            token = out.logits[:, -1:].argmax(-1)
-            return forward(
-                input_ids=token,
-                past_key_values=cache,
-                cache_position=where,
-                position_ids=where[None],
-            ).logits
+        return static_cache_step(model, forward, PROMPT[:, :3])
 
     eager = step(model.forward)
     assert 0.0 < sparsifier.realized()["attn_input"] < 1.0

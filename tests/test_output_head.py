@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_TYPES, decode_logits, tiny_model
+from conftest import ARCH_TYPES, decode_logits, static_cache_step, tiny_model
 
 from sparse_lightning import SparseActivationModule, SparsityConfig, resolve
 from sparse_lightning.inference import Sparsifier
@@ -133,30 +133,17 @@ def test_prompt_is_dense_and_removal_restores_the_model_bit_for_bit(model_type):
 
 
 def test_a_compiled_decode_step_with_the_lm_head_has_no_graph_break():
-    from transformers import StaticCache
-
     model = tiny_model("llama")
     Sparsifier(model, resolve(model), {}, lm_head=0.5, lm_head_candidates=3)
     model.set_attn_implementation("eager")
-    where = torch.tensor([3])
-
-    def step(forward):
-        cache = StaticCache(config=model.config, max_cache_len=8)
-        with torch.no_grad():
-            out = model(
-                input_ids=PROMPT[:, :3], past_key_values=cache, cache_position=torch.arange(3)
-            )
-            token = out.logits[:, -1:].argmax(-1)
-            return forward(
-                input_ids=token,
-                past_key_values=cache,
-                cache_position=where,
-                position_ids=where[None],
-            ).logits
-
-    eager = step(model.forward)
+    eager = static_cache_step(model, model.forward, PROMPT[:, :3])
     compiled_step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(step(compiled_step), eager, rtol=1e-5, atol=1e-6)
+    compiled = static_cache_step(model, compiled_step, PROMPT[:, :3])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    plain = tiny_model("llama")
+    plain.set_attn_implementation("eager")
+    dense = static_cache_step(plain, plain.forward, PROMPT[:, :3])
+    assert not torch.allclose(eager, dense)  # the step really ran the sparse lm_head
 
 
 def test_lm_head_bytes_by_hand():
