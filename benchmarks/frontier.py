@@ -146,10 +146,15 @@ def key_of(point: dict | SparsityConfig) -> tuple:
     return point["allocation"], point["budget"], point.get("lm_head", 0.0)
 
 
+def lm_head_suffix(level: float) -> str:
+    """How points and settings name their lm_head level (nothing when it is dense)."""
+    return f" + lm_head {level:.2f}" if level else ""
+
+
 def series(point: dict) -> str:
     """The line a point belongs to: its allocation, with the lm_head level when it has one."""
-    level = point.get("lm_head", 0.0)
-    return point["allocation"] + (f" + lm_head {level:.2f}" if level else "")
+    allocation, _, level = key_of(point)
+    return allocation + lm_head_suffix(level)
 
 
 def saved_points(saved: dict | None, result: dict) -> list[dict] | None:
@@ -188,8 +193,7 @@ def earlier(point: dict, runtime: str) -> None:
 def label(setting: SparsityConfig) -> str:
     if setting.is_dense:
         return "dense"
-    extra = f" + lm_head {setting.lm_head:.2f}" if setting.lm_head else ""
-    return f"{setting.allocation} {setting.budget:.2f}{extra}"
+    return f"{setting.allocation} {setting.budget:.2f}{lm_head_suffix(setting.lm_head)}"
 
 
 def at_agreement(points: list[dict], target: float, key: str) -> float | None:

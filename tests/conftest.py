@@ -121,6 +121,19 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def by_hand(x: torch.Tensor, weight_t: torch.Tensor, t: float, bias) -> torch.Tensor:
+    """The input-sparse linear by hand, in float64: per token, the sum over the channels with
+    ``|x_i| >= t`` of ``x_i`` times row ``i`` of ``weight_t`` (plus the bias)."""
+    rows = []
+    for token in x.reshape(-1, x.shape[-1]).double():
+        y = torch.zeros(weight_t.shape[1], dtype=torch.float64)
+        for i, value in enumerate(token.tolist()):
+            if abs(value) >= t:
+                y += value * weight_t[i].double()
+        rows.append(y if bias is None else y + bias.double())
+    return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
+
+
 def static_cache_step(model, forward, prompt: torch.Tensor) -> torch.Tensor:
     """The logits of one decode step through ``forward`` (``model.forward`` or a compiled
     version of it) after ``prompt`` filled a fresh static KV cache: the tuned loop's shapes."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     ARCH_TYPES,
+    by_hand,
     calibrate,
     decode_logits,
     loader_of,
@@ -28,18 +29,6 @@ from sparse_lightning.units import UNIT_KINDS
 #: Kinds whose units are input channels of linear layers (the kernel's kinds).
 CHANNELS = tuple(name for name, kind in UNIT_KINDS.items() if not kind.per_head)
 PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
-
-
-def by_hand(x: torch.Tensor, weight_t: torch.Tensor, t: float, bias) -> torch.Tensor:
-    """One output row at a time: the sum over kept channels of x_i times row i."""
-    rows = []
-    for token in x.reshape(-1, x.shape[-1]).double():
-        y = torch.zeros(weight_t.shape[1], dtype=torch.float64)
-        for i, value in enumerate(token.tolist()):
-            if abs(value) >= t:
-                y += value * weight_t[i].double()
-        rows.append(y if bias is None else y + bias.double())
-    return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
 
 
 # --------------------------------------------------------------------------- the op itself

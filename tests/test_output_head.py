@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_TYPES, decode_logits, static_cache_step, tiny_model
+from conftest import ARCH_TYPES, by_hand, decode_logits, static_cache_step, tiny_model
 
 from sparse_lightning import SparseActivationModule, SparsityConfig, resolve
 from sparse_lightning.inference import Sparsifier
@@ -15,18 +15,13 @@ from sparse_lightning.kernels import load_topk
 PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
 
 
-def by_hand(x: torch.Tensor, weight_t: torch.Tensor, keep: int, bias) -> torch.Tensor:
-    """Per token: sort the magnitudes, keep channels at or above the keep-th, sum their rows."""
+def top_k_by_hand(x: torch.Tensor, weight_t: torch.Tensor, keep: int, bias) -> torch.Tensor:
+    """Per token: sort the magnitudes, and sum the rows at or above the keep-th (by_hand)."""
     rows = []
-    for token in x.reshape(-1, x.shape[-1]).double():
-        values = token.tolist()
-        ordered = sorted((abs(v) for v in values), reverse=True)
-        t = float("inf") if keep == 0 else ordered[min(keep, len(values)) - 1]
-        y = torch.zeros(weight_t.shape[1], dtype=torch.float64)
-        for i, value in enumerate(values):
-            if abs(value) >= t:
-                y += value * weight_t[i].double()
-        rows.append(y if bias is None else y + bias.double())
+    for token in x.reshape(-1, 1, x.shape[-1]):
+        ordered = sorted((abs(v) for v in token[0].tolist()), reverse=True)
+        t = float("inf") if keep == 0 else ordered[min(keep, len(ordered)) - 1]
+        rows.append(by_hand(token, weight_t, t, bias)[0])
     return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
 
 
@@ -40,7 +35,7 @@ def test_topk_kernel_equals_a_hand_computation(shape, keep):
         for b in (None, bias):
             got = load_topk()(x, weight_t, keep, b)
             torch.testing.assert_close(
-                got.double(), by_hand(x, weight_t, keep, b), rtol=1e-5, atol=1e-5
+                got.double(), top_k_by_hand(x, weight_t, keep, b), rtol=1e-5, atol=1e-5
             )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sparse_lightning.inference.executor import restrict
 from sparse_lightning.kernels import load_topk
 from sparse_lightning.kernels.ops import top_k_channels
 from sparse_lightning.selection.selectors import kept_count
@@ -92,13 +93,8 @@ class OutputExecutor:
             return self._decode(x)
         dense = self._original(x)
         flat = x.reshape(tokens, self.units)
-        keep = top_k_channels(flat, self.keep)
-        if rows is not True:
-            keep = keep | ~rows.unsqueeze(-1)
-            sparse = rows.sum() * self.units
-        else:
-            sparse = tokens * self.units
-        self.owner.count(KIND, zeroed=(~keep).sum(), seen=sparse)
+        keep, zeroed, seen = restrict(top_k_channels(flat, self.keep), rows, tokens)
+        self.owner.count(KIND, zeroed=zeroed, seen=seen)
         approx = self._original((flat * keep.to(x.dtype)).reshape(x.shape))
         index = approx.topk(self.candidates, dim=-1).indices
         exact = approx.scatter(-1, index, dense.gather(-1, index))
