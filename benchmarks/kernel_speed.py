@@ -183,6 +183,7 @@ def main() -> None:
         "machine": machine_info(),
         "repeats": args.repeats,
         "stream_mb": args.stream_mb,
+        "compile_options": CPU_DECODE_OPTIONS,
         "seconds": round(time.time() - started),
         "results": rows,
     }
