@@ -215,16 +215,13 @@ def test_a_compiled_decode_step_has_no_graph_break_and_matches_eager():
     selectors = {k: DynamicSelector(torch.full((2,), 0.3)) for k in ("attn_input", "mlp")}
     sparsifier = Sparsifier(model, arch, selectors)
     model.set_attn_implementation("eager")
-
-    def step(forward):
-        return static_cache_step(model, forward, PROMPT[:, :3])
-
-    eager = step(model.forward)
+    eager = static_cache_step(model, model.forward, PROMPT[:, :3])
     assert 0.0 < sparsifier.realized()["attn_input"] < 1.0
     sparsifier.reset_counts()
     # fullgraph: a graph break (the op, the executors, the tallies) would be an error.
     compiled_step = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(step(compiled_step), eager, rtol=1e-5, atol=1e-6)
+    compiled = static_cache_step(model, compiled_step, PROMPT[:, :3])
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     # Compiled steps are not counted (counting made compiles several times slower); the
     # eager step before was.
     assert sparsifier.realized()["attn_input"] == 0.0
