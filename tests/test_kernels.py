@@ -49,6 +49,38 @@ def test_kernel_equals_a_hand_computation(shape, threshold):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+#: Which channels a token keeps, as functions of the channel index: each reaches every order in
+#: which the kernel reads a row (forwards: next row kept; backwards: only the previous one;
+#: from both ends: neither), with runs of all lengths and both ends of the weight.
+KEPT_PATTERNS = {
+    "every other": lambda i, n: i % 2 == 0,
+    "pairs": lambda i, n: i % 4 < 2,
+    "runs of three, gaps of two": lambda i, n: i % 5 < 3,
+    "first and last only": lambda i, n: i in (0, n - 1),
+}
+
+
+@pytest.mark.parametrize("pattern", KEPT_PATTERNS)
+@pytest.mark.parametrize(
+    "out", [5, 40, 53, 200, 2100]
+)  # 0 to 131 blocks of 16 columns, odd and even
+def test_every_row_reading_order_equals_a_hand_computation(pattern, out):
+    in_features = 83
+    g = torch.Generator().manual_seed(out)
+    weight_t = torch.randn(in_features, out, generator=g)
+    keep = torch.tensor([KEPT_PATTERNS[pattern](i, in_features) for i in range(in_features)])
+    # Kept channels get magnitudes in [1, 2), dropped ones below 0.5: threshold 0.75.
+    magnitude = torch.where(
+        keep, 1 + torch.rand(in_features, generator=g), 0.5 * torch.rand(in_features, generator=g)
+    )
+    sign = torch.where(torch.rand(in_features, generator=g) < 0.5, -1.0, 1.0)
+    x = (magnitude * sign).unsqueeze(0)
+    for dtype in (torch.float64, torch.float32):
+        got = load()(x.to(dtype), weight_t.to(dtype), 0.75, None)
+        expected = x.double()[:, keep] @ weight_t.double()[keep]
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_kernel_reads_a_strided_weight_and_other_dtypes_like_the_reference():
     g = torch.Generator().manual_seed(0)
     weight_t = torch.randn(40, 30, generator=g)[:, ::2]  # rows not contiguous: ATen path

@@ -1,0 +1,179 @@
+"""Which rows a token keeps decides how close the kernel gets to the byte bound.
+
+The input-sparse kernel reads one row of the transposed weight per kept input channel. Reading
+a row front to back, the hardware prefetcher runs on past its end into the next row; if that row
+is dropped, those bytes are fetched for nothing. The shipped kernel therefore reads a kept row
+backwards when only its previous neighbour is kept, and from both ends towards its middle when
+neither neighbour is. This script measures what that buys: the shipped kernel against the one at
+an earlier revision (``--against``, default the last one that read every row forwards), on the
+narrow projections (threads split rows), with half of each input's channels kept
+
+* ``random``: a random half (what a threshold on real activations looks like);
+* ``first half``: contiguous rows (no neighbour ever dropped: the easy case);
+* ``every other``: every kept row has both neighbours dropped (the worst case);
+
+and a random quarter (75% skipped). Eager calls, enough copies to stream 256 MB per repetition,
+the two kernels alternating inside each repetition, medians; share of bound =
+``t0 / (t * channels / kept)``, each kernel against its own 0%.
+
+    python benchmarks/kernel_rows.py [--repeats 11] [--against REV]
+
+Prints a table and writes benchmarks/results/kernel_rows.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.kernel_layout import SHAPES  # noqa: E402
+from sparse_lightning.kernels import load  # noqa: E402
+from sparse_lightning.kernels.ops import SOURCE, cpu_flags  # noqa: E402
+
+#: The last revision whose kernel read every kept row forwards.
+FORWARD_ONLY = "9748a7c"
+
+
+def pattern(name: str, channels: int, g: torch.Generator) -> torch.Tensor:
+    """A boolean mask of the kept channels."""
+    keep = torch.zeros(channels, dtype=torch.bool)
+    if name == "0%":
+        keep[:] = True
+    elif name == "random":
+        keep[torch.randperm(channels, generator=g)[: channels // 2]] = True
+    elif name == "first half":
+        keep[: channels // 2] = True
+    elif name == "every other":
+        keep[::2] = True
+    elif name == "random quarter":
+        keep[torch.randperm(channels, generator=g)[: channels // 4]] = True
+    return keep
+
+
+PATTERNS = ("0%", "random", "first half", "every other", "random quarter")
+
+
+def input_keeping(keep: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """An input whose kept channels have magnitudes in [1, 2) and the others below 0.5, so
+    threshold 0.75 keeps exactly ``keep``."""
+    n = keep.numel()
+    magnitude = torch.where(keep, 1 + torch.rand(n, generator=g), 0.5 * torch.rand(n, generator=g))
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return (magnitude * sign).unsqueeze(0)
+
+
+def kernel_at(revision: str):
+    """The kernel's source at ``revision``, built under its own op namespace."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    relative = SOURCE.relative_to(ROOT)
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{relative}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    namespace = f"sparse_lightning_{revision}"
+    source = source.replace("TORCH_LIBRARY(sparse_lightning,", f"TORCH_LIBRARY({namespace},")
+    source = source.replace(
+        "TORCH_LIBRARY_IMPL(sparse_lightning,", f"TORCH_LIBRARY_IMPL({namespace},"
+    )
+    path = Path(tempfile.mkdtemp()) / f"kernel_{revision}.cpp"
+    path.write_text(source)
+    load_extension(
+        name=f"kernel_{revision}",
+        sources=[str(path)],
+        extra_cflags=["-O3", "-fopenmp", *cpu_flags()],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+    return getattr(torch.ops, namespace).input_sparse_linear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--against", default=FORWARD_ONLY)
+    parser.add_argument("--stream-mb", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_rows.json")
+    args = parser.parse_args()
+    load()
+    kernels = {
+        "shipped": torch.ops.sparse_lightning.input_sparse_linear,
+        args.against: kernel_at(args.against),
+    }
+    started = time.time()
+    rows = []
+    for (model, projection), (inputs, outputs) in SHAPES.items():
+        g = torch.Generator().manual_seed(inputs * outputs)
+        copies = max(4, args.stream_mb * 2**20 // (inputs * outputs * 4))
+        ws = [torch.randn(inputs, outputs, generator=g) for _ in range(copies)]
+        times: dict[tuple[str, str], list[float]] = {}
+        kept = {}
+        for name in PATTERNS:
+            masks = [pattern(name, inputs, g) for _ in range(copies)]
+            kept[name] = int(masks[0].sum())
+            xs = [input_keeping(mask, g) for mask in masks]
+            for x, w, mask in zip(xs[:2], ws, masks, strict=False):  # both kernels are right
+                expected = x[:, mask] @ w[mask]
+                for op in kernels.values():
+                    torch.testing.assert_close(op(x, w, 0.75, None), expected, rtol=1e-4, atol=1e-3)
+            for _ in range(args.repeats):
+                for kernel, op in kernels.items():  # alternating
+                    start = time.perf_counter()
+                    for x, w in zip(xs, ws, strict=True):
+                        op(x, w, 0.75, None)
+                    elapsed = (time.perf_counter() - start) / copies
+                    times.setdefault((kernel, name), []).append(elapsed)
+        for kernel in kernels:
+            t0 = statistics.median(times[(kernel, "0%")])
+            row = {
+                "model": model,
+                "projection": projection,
+                "in_features": inputs,
+                "out_features": outputs,
+                "kernel": kernel,
+                "copies": copies,
+                "kernel0_us": t0 * 1e6,
+            }
+            cells = [f"0%: {t0 * 1e6:6.1f} us"]
+            for name in PATTERNS[1:]:
+                t = statistics.median(times[(kernel, name)])
+                share = t0 / (t * inputs / kept[name])
+                row[name] = {"kept": kept[name], "us": t * 1e6, "share_of_bound": share}
+                cells.append(f"{name}: {t * 1e6:6.1f} us ({share:.0%})")
+            rows.append(row)
+            print(f"{model[:7]:8} {projection:6} {kernel:8} " + "  ".join(cells), flush=True)
+        del ws
+    save_report(
+        {
+            "benchmark": "kernel_rows",
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine_info(),
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "stream_mb": args.stream_mb,
+            "seconds": time.time() - started,
+            "results": rows,
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()
