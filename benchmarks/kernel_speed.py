@@ -28,6 +28,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +41,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CPU_DECODE_OPTIONS, machine_info, paired_ratio, save_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CPU_DECODE_OPTIONS,
+    machine_info,
+    own_forward,
+    paired_ratio,
+    save_report,
+)
 from sparse_lightning.kernels import compiled, load  # noqa: E402
 
 #: (model, hidden, MLP width, query heads, KV heads, head_dim), from the models' configs.
@@ -87,24 +95,33 @@ class SparseProjections(nn.Module):
         ]
 
 
-def tuned(module: nn.Module, xs: list[torch.Tensor]):
-    """``module`` compiled with the tuned decode's options; the first call compiles."""
+def tuned(module: nn.Module, xs: list[torch.Tensor]) -> Callable[..., None]:
+    """``module`` compiled with the tuned decode's options; the first call (here) compiles.
+
+    The returned ``run(inputs=xs)`` fails rather than recompile: a recompile would run outside
+    ``CPU_DECODE_OPTIONS`` and time a default-compiled graph instead. Each module compiles
+    through a code object of its own (``own_forward``), so no ``torch._dynamo.reset()`` is
+    needed between modules; a reset would drop the entries of the modules compiled before it,
+    which then recompile with default options on their next call (measured 2026-11-24: the
+    tuned dense GEMV of SmolLM2's o went from 66 to 102 us per call that way, and every run of
+    this script before the fix compared against such recompiled graphs).
+    """
     from torch._inductor import config as inductor_config
 
-    torch._dynamo.reset()
-    step = torch.compile(module, dynamic=False)
+    step = torch.compile(own_forward(module), dynamic=False)
     with torch.no_grad(), inductor_config.patch(CPU_DECODE_OPTIONS):
         step(xs)
 
-    def run() -> None:
-        with torch.no_grad():
-            step(xs)
+    def run(inputs: list[torch.Tensor] = xs) -> None:
+        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+            step(inputs)
 
     return run
 
 
-def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> tuple[list[torch.Tensor], float]:
-    """Inputs scaled so one threshold keeps exactly ``1 - skipped`` of each one's channels."""
+def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> list[torch.Tensor]:
+    """Inputs scaled so that threshold 1.0 keeps exactly ``1 - skipped`` of each one's
+    channels."""
     channels = xs[0].shape[-1]
     drop = round(skipped * channels)
     out = []
@@ -114,7 +131,7 @@ def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> tuple[list[torch.T
         # ``drop`` channels fall below threshold 1.0 (and none ties with it).
         edge = (order[drop - 1] + order[drop]) / 2 if drop else order[0] / 2
         out.append(x / edge)
-    return out, 1.0
+    return out
 
 
 def main() -> None:
@@ -136,8 +153,10 @@ def main() -> None:
                 torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5 for _ in range(copies)
             ]
             xs = [torch.randn(1, fan_in, generator=g) for _ in range(copies)]
+            torch._dynamo.reset()  # the previous shape's graphs (and weight copies) go
             dense = tuned(DenseProjections(weights), xs)
             kernel0 = tuned(SparseProjections(weights, 0.0), xs)
+            sparse = tuned(SparseProjections(weights, 1.0), xs)  # see inputs_keeping
             vs_dense, dense_s, k0_s = paired_ratio(dense, kernel0, args.repeats)
             mb = fan_in * fan_out * 4 / 2**20
             row = {
@@ -154,11 +173,11 @@ def main() -> None:
                 "skipped": {},
             }
             for skipped in SKIPPED:
-                scaled, threshold = inputs_keeping(xs, skipped)
-                kept = int((scaled[0].abs() >= threshold).sum())
-                zero = tuned(SparseProjections(weights, 0.0), scaled)
-                sparse = tuned(SparseProjections(weights, threshold), scaled)
-                speedup, _, sparse_s = paired_ratio(zero, sparse, args.repeats)
+                scaled = inputs_keeping(xs, skipped)
+                kept = int((scaled[0].abs() >= 1.0).sum())
+                speedup, _, sparse_s = paired_ratio(
+                    partial(kernel0, scaled), partial(sparse, scaled), args.repeats
+                )
                 bound = fan_in / kept
                 row["skipped"][f"{skipped:.2f}"] = {
                     "kept_channels": kept,
