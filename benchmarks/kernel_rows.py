@@ -1,14 +1,14 @@
 """Which rows a token keeps decides how close the kernel gets to the byte bound.
 
-The input-sparse kernel reads one row of the transposed weight per kept input channel. Reading
-a row front to back, the hardware prefetcher runs on past its end into the next row; if that row
-is dropped, those bytes are fetched for nothing. The shipped kernel therefore reads a kept row
-backwards when only its previous neighbour is kept, and from both ends towards its middle when
-neither neighbour is. This script measures what that buys: the shipped kernel against the one at
-an earlier revision (``--against``, default the last one that read every row forwards), on the
-narrow projections (threads split rows), with half of each input's channels kept
+The input-sparse kernel reads one row of the transposed weight per kept input channel, front to
+back. The hardware prefetcher runs on past a row's end into the next row; if that row is
+dropped, those bytes are fetched for nothing. Revision 589e63c of the kernel (``--against``,
+not shipped) read a kept row backwards when only its previous neighbour is kept, and from both
+ends towards its middle when neither is, so that the run-on lands in bytes read anyway, and kept
+its buffers per thread. This script measures that kernel against the shipped one on the narrow
+projections (threads split rows), with half of each input's channels kept
 
-* ``random``: a random half (what a threshold on real activations looks like);
+* ``random``: a random half;
 * ``first half``: contiguous rows (no neighbour ever dropped: the easy case);
 * ``every other``: every kept row has both neighbours dropped (the worst case);
 
@@ -16,7 +16,12 @@ and a random quarter (75% skipped). Eager calls, enough copies to stream 256 MB 
 the two kernels alternating inside each repetition, medians; share of bound =
 ``t0 / (t * channels / kept)``, each kernel against its own 0%.
 
-    python benchmarks/kernel_rows.py [--repeats 11] [--against REV]
+``--activations smollm2 qwen`` adds the patterns that matter: the inputs of every projection
+group of the real models over 8 greedy decode steps, each token keeping its largest channels at
+levels 0, 0.2 and 0.5 (as a uniform allocation would), weights fused and transposed as the
+executor stores them; both kernels time every call of a pass, alternating passes.
+
+    python benchmarks/kernel_rows.py [--repeats 11] [--against REV] [--activations smollm2 qwen]
 
 Prints a table and writes benchmarks/results/kernel_rows.json.
 """
@@ -44,8 +49,9 @@ from benchmarks.kernel_layout import SHAPES  # noqa: E402
 from sparse_lightning.kernels import load  # noqa: E402
 from sparse_lightning.kernels.ops import SOURCE, cpu_flags  # noqa: E402
 
-#: The last revision whose kernel read every kept row forwards.
-FORWARD_ONLY = "9748a7c"
+PROMPT = "Explain in a few sentences why the sky is blue."
+#: The kernel that read rows in an order set by their neighbours (measured, not shipped).
+READING_ORDER = "589e63c"
 
 
 def pattern(name: str, channels: int, g: torch.Generator) -> torch.Tensor:
@@ -105,11 +111,93 @@ def kernel_at(revision: str):
     return getattr(torch.ops, namespace).input_sparse_linear
 
 
+def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(group, input, transposed fused weight) of every projection group call over ``steps``
+    greedy decode steps of the real model (Llama-style module names: both models have them)."""
+    from sparse_lightning import load_demo_model
+
+    if model_key == "qwen":
+        from benchmarks.offline_models import load_qwen
+
+        model, tokenizer = load_qwen()
+    else:
+        model, tokenizer = load_demo_model()
+    model.eval()
+    calls: list[tuple[int, str, torch.Tensor]] = []
+    weights: dict[tuple[int, str], torch.Tensor] = {}
+    for index, block in enumerate(model.model.layers):
+        attention, mlp = block.self_attn, block.mlp
+        groups = {
+            "q|k|v": (attention.q_proj, attention.k_proj, attention.v_proj),
+            "o": (attention.o_proj,),
+            "gate|up": (mlp.gate_proj, mlp.up_proj),
+            "down": (mlp.down_proj,),
+        }
+        for group, linears in groups.items():
+            weights[(index, group)] = torch.cat([lin.weight for lin in linears]).t().contiguous()
+
+            def record(module, args, index=index, group=group) -> None:
+                if args[0].shape[1] == 1:  # decode steps only; the prompt runs dense
+                    calls.append((index, group, args[0].detach().reshape(1, -1).clone()))
+
+            linears[0].register_forward_pre_hook(record)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False)
+    return [(group, x, weights[(index, group)]) for index, group, x in calls]
+
+
+def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
+    """Both kernels on the real model's decode inputs, per level and projection group."""
+    calls = decode_inputs(model_key)
+    rows = []
+    for level in (0.0, 0.2, 0.5):
+        timed = []
+        for group, x, w in calls:
+            keep = x.shape[1] - round(level * x.shape[1])
+            threshold = float(x.abs().flatten().topk(keep).values[-1]) if level else 0.0
+            timed.append((group, x, w, threshold))
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(repeats):
+            for kernel, op in kernels.items():  # alternating passes
+                spent: dict[str, float] = {}
+                for group, x, w, threshold in timed:
+                    start = time.perf_counter()
+                    op(x, w, threshold, None)
+                    spent[group] = spent.get(group, 0.0) + time.perf_counter() - start
+                spent["all"] = sum(spent.values())
+                for group, seconds in spent.items():
+                    times.setdefault((kernel, group), []).append(seconds)
+        shipped, earlier = kernels
+        for group in ("all", "q|k|v", "o", "gate|up", "down"):
+            ratios = [
+                a / b for a, b in zip(times[(earlier, group)], times[(shipped, group)], strict=True)
+            ]
+            row = {
+                "model": model_key,
+                "level": level,
+                "group": group,
+                "calls": sum(1 for c in timed if group in ("all", c[0])),
+                f"{earlier}_ms": statistics.median(times[(earlier, group)]) * 1e3,
+                "shipped_ms": statistics.median(times[(shipped, group)]) * 1e3,
+                "speedup_of_shipped": statistics.median(ratios),
+            }
+            rows.append(row)
+            print(
+                f"{model_key} decode inputs, level {level:.1f}, {group:7}: {earlier} "
+                f"{row[f'{earlier}_ms']:7.2f} ms, shipped {row['shipped_ms']:7.2f} ms "
+                f"(shipped {row['speedup_of_shipped']:.3f}x)",
+                flush=True,
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--against", default=FORWARD_ONLY)
+    parser.add_argument("--against", default=READING_ORDER)
     parser.add_argument("--stream-mb", type=int, default=256)
+    parser.add_argument("--activations", nargs="*", choices=["smollm2", "qwen"], default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_rows.json")
     args = parser.parse_args()
     load()
@@ -160,6 +248,9 @@ def main() -> None:
             rows.append(row)
             print(f"{model[:7]:8} {projection:6} {kernel:8} " + "  ".join(cells), flush=True)
         del ws
+    activations = [
+        row for key in args.activations for row in activation_rows(key, kernels, args.repeats)
+    ]
     save_report(
         {
             "benchmark": "kernel_rows",
@@ -170,6 +261,7 @@ def main() -> None:
             "stream_mb": args.stream_mb,
             "seconds": time.time() - started,
             "results": rows,
+            "activations": activations,
         },
         args.out,
     )

@@ -49,9 +49,9 @@ def test_kernel_equals_a_hand_computation(shape, threshold):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-#: Which channels a token keeps, as functions of the channel index: each reaches every order in
-#: which the kernel reads a row (forwards: next row kept; backwards: only the previous one;
-#: from both ends: neither), with runs of all lengths and both ends of the weight.
+#: Which channels a token keeps, as functions of the channel index and count: isolated rows,
+#: runs of two and three, and both ends of the weight (the row-reading experiments of
+#: benchmarks/kernel_rows.py turned on exactly these neighbourhoods).
 KEPT_PATTERNS = {
     "every other": lambda i, n: i % 2 == 0,
     "pairs": lambda i, n: i % 4 < 2,
@@ -61,10 +61,10 @@ KEPT_PATTERNS = {
 
 
 @pytest.mark.parametrize("pattern", KEPT_PATTERNS)
-@pytest.mark.parametrize(
-    "out", [5, 40, 53, 200, 2100]
-)  # 0 to 131 blocks of 16 columns, odd and even
-def test_every_row_reading_order_equals_a_hand_computation(pattern, out):
+#: Output widths: 0 to 131 whole blocks of 16 columns, odd and even counts, with and without a
+#: remainder, rows split between threads (narrow) and columns split (2100).
+@pytest.mark.parametrize("out", [5, 40, 53, 200, 2100])
+def test_kernel_equals_a_hand_computation_for_every_pattern_of_kept_rows(pattern, out):
     in_features = 83
     g = torch.Generator().manual_seed(out)
     weight_t = torch.randn(in_features, out, generator=g)

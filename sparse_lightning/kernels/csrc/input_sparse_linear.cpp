@@ -8,15 +8,6 @@
 // columns of a wide projection, each streaming the kept rows' segment of its columns, or the
 // kept rows of a narrow one, each into its own partial sum; eight rows at a time, with
 // AVX2/FMA where compiled for it.
-//
-// The order in which a row's columns are read depends on its neighbours. Streaming a row, the
-// hardware prefetcher runs on past its end into the next row; when that row is dropped, those
-// bytes are wasted (measured: with every other row kept, 50% calls reached 74-78% of the byte
-// bound, against 90-99% for a contiguous half; benchmarks/kernel_rows.py). So a kept row whose
-// next row is dropped is read backwards when its previous row is kept (the run-on lands in a
-// row that is read anyway), and from both ends towards its middle when both neighbours are
-// dropped (the run-on lands inside the row itself). With every channel kept, all rows are
-// read forwards.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,124 +25,65 @@
 
 namespace {
 
-// The order in which a row's columns are read (see the top of this file).
-enum class Order { kForward, kBackward, kMiddle };
-
-// The c-th column visited in a row of n columns read in ``order``.
-template <Order order>
-inline int64_t column(int64_t c, int64_t n) {
-  if (order == Order::kForward) {
-    return c;
-  }
-  if (order == Order::kBackward) {
-    return n - 1 - c;
-  }
-  return c % 2 == 0 ? c / 2 : n - 1 - c / 2;
-}
-
-template <int R, typename T>
-inline void axpy_one(T* acc, const T* const* rows, const T* v, int64_t c) {
-  T s = acc[c];
-  for (int j = 0; j < R; ++j) {
-    s += v[j] * rows[j][c];
-  }
-  acc[c] = s;
-}
-
 // acc[0:n] += sum over j < R of v[j] * rows[j][0:n]: R rows streamed at once, so R memory
 // streams are in flight and acc is loaded and stored once per R rows.
-template <int R, Order order, typename T>
+template <int R, typename T>
 inline void axpy(T* acc, const T* const* rows, const T* v, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    axpy_one<R>(acc, rows, v, column<order>(c, n));
+  int64_t c = 0;
+  for (; c < n; ++c) {
+    T s = acc[c];
+    for (int j = 0; j < R; ++j) {
+      s += v[j] * rows[j][c];
+    }
+    acc[c] = s;
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// acc[c:c+16] += sum over j < R of a[j] * rows[j][c:c+16].
 template <int R>
-inline void axpy16(float* acc, const float* const* rows, const __m256* a, int64_t c) {
-  __m256 s = _mm256_loadu_ps(acc + c);
-  __m256 t = _mm256_loadu_ps(acc + c + 8);
-  for (int j = 0; j < R; ++j) {
-    s = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c), s);
-    t = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c + 8), t);
-  }
-  _mm256_storeu_ps(acc + c, s);
-  _mm256_storeu_ps(acc + c + 8, t);
-}
-
-// Blocks of 16 columns in ``order``; the columns past the last whole block one by one.
-template <int R, Order order>
 inline void axpy(float* acc, const float* const* rows, const float* v, int64_t n) {
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
   __m256 a[R];
   for (int j = 0; j < R; ++j) {
     a[j] = _mm256_set1_ps(v[j]);
   }
-  const int64_t blocks = n / 16;
-  if (order == Order::kBackward) {
-    for (int64_t c = n - 1; c >= 16 * blocks; --c) {
-      axpy_one<R>(acc, rows, v, c);
+  for (; c + 16 <= n; c += 16) {
+    __m256 s = _mm256_loadu_ps(acc + c);
+    __m256 t = _mm256_loadu_ps(acc + c + 8);
+    for (int j = 0; j < R; ++j) {
+      s = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c), s);
+      t = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c + 8), t);
     }
+    _mm256_storeu_ps(acc + c, s);
+    _mm256_storeu_ps(acc + c + 8, t);
   }
-  for (int64_t b = 0; b < blocks; ++b) {
-    axpy16<R>(acc, rows, a, 16 * column<order>(b, blocks));
-  }
-  if (order != Order::kBackward) {
-    for (int64_t c = 16 * blocks; c < n; ++c) {
-      axpy_one<R>(acc, rows, v, c);
+#endif
+  for (; c < n; ++c) {
+    float s = acc[c];
+    for (int j = 0; j < R; ++j) {
+      s += v[j] * rows[j][c];
     }
+    acc[c] = s;
   }
 }
-#endif
 
-// Up to R kept rows waiting to be streamed in one order.
-template <int R, Order order, typename T>
-struct Batch {
-  const T* rows[R];
-  T value[R];
-  int size = 0;
-
-  inline void add(T* acc, const T* row, T v, int64_t n) {
-    rows[size] = row;
-    value[size++] = v;
-    if (size == R) {
-      axpy<R, order>(acc, rows, value, n);
-      size = 0;
-    }
-  }
-
-  inline void flush(T* acc, int64_t n) {
-    for (int j = 0; j < size; ++j) {
-      axpy<1, order>(acc, rows + j, value + j, n);
-    }
-    size = 0;
-  }
-};
-
-// acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n], each
-// row read in the order its neighbours call for (kept means |x| >= t; see the top).
+// acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n].
 template <typename T>
 inline void accumulate(T* acc, const T* w, int64_t ld, const int64_t* index, const T* value,
-                       int64_t first, int64_t last, int64_t n, const T* x, int64_t in, T t) {
+                       int64_t first, int64_t last, int64_t n) {
   constexpr int R = 8;
-  Batch<R, Order::kForward, T> forward;
-  Batch<R, Order::kBackward, T> backward;
-  Batch<R, Order::kMiddle, T> middle;
-  for (int64_t k = first; k < last; ++k) {
-    const int64_t i = index[k];
-    const T* row = w + i * ld;
-    if (i + 1 < in && std::abs(x[i + 1]) >= t) {
-      forward.add(acc, row, value[k], n);
-    } else if (i > 0 && std::abs(x[i - 1]) >= t) {
-      backward.add(acc, row, value[k], n);
-    } else {
-      middle.add(acc, row, value[k], n);
+  const T* rows[R];
+  int64_t k = first;
+  for (; k + R <= last; k += R) {
+    for (int j = 0; j < R; ++j) {
+      rows[j] = w + index[k + j] * ld;
     }
+    axpy<R>(acc, rows, value + k, n);
   }
-  forward.flush(acc, n);
-  backward.flush(acc, n);
-  middle.flush(acc, n);
+  for (; k < last; ++k) {
+    rows[0] = w + index[k] * ld;
+    axpy<1>(acc, rows, value + k, n);
+  }
 }
 
 // The kept channels of one token: index[0:count] and their values, in channel order.
@@ -240,39 +172,27 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t threads = at::get_num_threads();
   const bool split_rows = out < kColumnsPerThread * threads;
-  // Buffers kept per calling thread: a decode step makes about a hundred calls, and
-  // allocating and zeroing them on each was most of the op's fixed cost (with nothing kept,
-  // 1.7-4.6 us per call against 1.4-2.5 us with these, measured on the eight shapes).
-  // (References, so that the worker threads' lambdas see this thread's buffers, not their own.)
-  thread_local std::vector<int64_t> index_buffer;
-  thread_local std::vector<T> value_buffer, partial_buffer, scratch_buffer;
-  std::vector<int64_t>& index = index_buffer;
-  std::vector<T>& value = value_buffer;
-  std::vector<T>& partial = partial_buffer;
-  std::vector<T>& scratch = scratch_buffer;
-  index.resize(in);
-  value.resize(in);
-  partial.resize(split_rows ? threads * out : 0);
-  scratch.resize(keep >= 0 ? in : 0);
+  std::vector<int64_t> index(in);
+  std::vector<T> value(in);
+  std::vector<T> partial(split_rows ? threads * out : 0);
+  std::vector<T> scratch(keep >= 0 ? in : 0);
   for (int64_t r = 0; r < tokens; ++r) {
-    const T* xr = xp + r * in;
-    const T t = token_threshold<T>(xr, in, threshold, keep, scratch);
-    const int64_t kept = kept_channels<T>(xr, in, t, index.data(), value.data());
+    const T t = token_threshold<T>(xp + r * in, in, threshold, keep, scratch);
+    const int64_t kept = kept_channels<T>(xp + r * in, in, t, index.data(), value.data());
     T* yr = yp + r * out;
     if (!split_rows) {
       at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           yr[c] = bp != nullptr ? bp[c] : T(0);
         }
-        accumulate(yr + begin, wp + begin, ld, index.data(), value.data(), 0, kept, end - begin,
-                   xr, in, t);
+        accumulate(yr + begin, wp + begin, ld, index.data(), value.data(), 0, kept, end - begin);
       });
       continue;
     }
     std::fill(partial.begin(), partial.end(), T(0));
     at::parallel_for(0, kept, 8, [&](int64_t begin, int64_t end) {
       T* acc = partial.data() + at::get_thread_num() * out;
-      accumulate(acc, wp, ld, index.data(), value.data(), begin, end, out, xr, in, t);
+      accumulate(acc, wp, ld, index.data(), value.data(), begin, end, out);
     });
     for (int64_t c = 0; c < out; ++c) {
       T sum = bp != nullptr ? bp[c] : T(0);
