@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.frontier import PROMPT  # noqa: E402
 from benchmarks.kernel_layout import SHAPES  # noqa: E402
 from sparse_lightning.kernels import load  # noqa: E402
-from sparse_lightning.kernels.ops import SOURCE, cpu_flags  # noqa: E402
+from sparse_lightning.kernels.ops import SOURCE, build_flags  # noqa: E402
 
-PROMPT = "Explain in a few sentences why the sky is blue."
 #: The kernel that read rows in an order set by their neighbours (measured, not shipped).
 READING_ORDER = "589e63c"
 
@@ -102,19 +102,18 @@ def kernel_at(revision: str):
     path = Path(tempfile.mkdtemp()) / f"kernel_{revision}.cpp"
     path.write_text(source)
     load_extension(
-        name=f"kernel_{revision}",
-        sources=[str(path)],
-        extra_cflags=["-O3", "-fopenmp", *cpu_flags()],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
+        name=f"kernel_{revision}", sources=[str(path)], **build_flags(), is_python_module=False
     )
     return getattr(torch.ops, namespace).input_sparse_linear
 
 
 def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(group, input, transposed fused weight) of every projection group call over ``steps``
-    greedy decode steps of the real model (Llama-style module names: both models have them)."""
-    from sparse_lightning import load_demo_model
+    """(channel kind, input, fused transposed weight) of every call of an input-sparse site over
+    ``steps`` greedy decode steps of the real model: the sites and the projections that read
+    them as the resolver gives them to the executor."""
+    from sparse_lightning import load_demo_model, resolve
+    from sparse_lightning.architectures.weights import input_rows
+    from sparse_lightning.units import UNIT_KINDS
 
     if model_key == "qwen":
         from benchmarks.offline_models import load_qwen
@@ -123,32 +122,29 @@ def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tenso
     else:
         model, tokenizer = load_demo_model()
     model.eval()
-    calls: list[tuple[int, str, torch.Tensor]] = []
-    weights: dict[tuple[int, str], torch.Tensor] = {}
-    for index, block in enumerate(model.model.layers):
-        attention, mlp = block.self_attn, block.mlp
-        groups = {
-            "q|k|v": (attention.q_proj, attention.k_proj, attention.v_proj),
-            "o": (attention.o_proj,),
-            "gate|up": (mlp.gate_proj, mlp.up_proj),
-            "down": (mlp.down_proj,),
-        }
-        for group, linears in groups.items():
-            weights[(index, group)] = torch.cat([lin.weight for lin in linears]).t().contiguous()
+    architecture = resolve(model)
+    calls: list[tuple[str, int, torch.Tensor]] = []
+    weights: dict[tuple[str, int], torch.Tensor] = {}
+    for kind, unit in UNIT_KINDS.items():
+        if unit.per_head:
+            continue
+        for row in architecture.layers_with(unit.site):
+            modules = architecture.site_modules(unit.site, row)
+            weights[(kind, row)] = torch.cat([input_rows(m) for m in modules], dim=1).contiguous()
 
-            def record(module, args, index=index, group=group) -> None:
+            def record(module, args, kind=kind, row=row) -> None:
                 if args[0].shape[1] == 1:  # decode steps only; the prompt runs dense
-                    calls.append((index, group, args[0].detach().reshape(1, -1).clone()))
+                    calls.append((kind, row, args[0].detach().reshape(1, -1).clone()))
 
-            linears[0].register_forward_pre_hook(record)
+            modules[0].register_forward_pre_hook(record)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False)
-    return [(group, x, weights[(index, group)]) for index, group, x in calls]
+    return [(kind, x, weights[(kind, row)]) for kind, row, x in calls]
 
 
 def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
-    """Both kernels on the real model's decode inputs, per level and projection group."""
+    """Both kernels on the real model's decode inputs, per level and channel kind."""
     calls = decode_inputs(model_key)
     rows = []
     for level in (0.0, 0.2, 0.5):
@@ -169,7 +165,7 @@ def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
                 for group, seconds in spent.items():
                     times.setdefault((kernel, group), []).append(seconds)
         shipped, earlier = kernels
-        for group in ("all", "q|k|v", "o", "gate|up", "down"):
+        for group in ("all", *sorted({c[0] for c in timed})):
             ratios = [
                 a / b for a, b in zip(times[(earlier, group)], times[(shipped, group)], strict=True)
             ]
@@ -184,7 +180,7 @@ def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
             }
             rows.append(row)
             print(
-                f"{model_key} decode inputs, level {level:.1f}, {group:7}: {earlier} "
+                f"{model_key} decode inputs, level {level:.1f}, {group:13}: {earlier} "
                 f"{row[f'{earlier}_ms']:7.2f} ms, shipped {row['shipped_ms']:7.2f} ms "
                 f"(shipped {row['speedup_of_shipped']:.3f}x)",
                 flush=True,

@@ -113,20 +113,24 @@ def cpu_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
 
 
+def build_flags() -> dict[str, list[str]]:
+    """``extra_cflags`` and ``extra_ldflags`` of the kernel's build on this CPU (benchmarks that
+    build another revision of the kernel beside it use the same)."""
+    # -fopenmp gives at::parallel_for its threads; it links libgomp.so.1, the runtime torch
+    # already loaded, so there is still one thread pool.
+    return {"extra_cflags": ["-O3", "-fopenmp", *cpu_flags()], "extra_ldflags": ["-fopenmp"]}
+
+
 def _build() -> bool:
     if os.environ.get("SPARSE_LIGHTNING_KERNELS", "1") == "0":
         return False
-    flags = cpu_flags()
     try:
         from torch.utils.cpp_extension import load as load_extension
 
         load_extension(
-            name="sparse_lightning_kernels" + ("_avx2" if flags else ""),
+            name="sparse_lightning_kernels" + ("_avx2" if cpu_flags() else ""),
             sources=[str(SOURCE)],
-            # -fopenmp gives at::parallel_for its threads; it links libgomp.so.1, the runtime
-            # torch already loaded, so there is still one thread pool.
-            extra_cflags=["-O3", "-fopenmp", *flags],
-            extra_ldflags=["-fopenmp"],
+            **build_flags(),
             is_python_module=False,
             verbose=False,
         )
