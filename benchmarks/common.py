@@ -264,21 +264,26 @@ def own_forward(model) -> Callable:
 
 
 def machine_info() -> dict[str, object]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on. A virtual machine's "model name" can be as vague as
+    "AMD EPYC", so the CPU family and model numbers (which tell its generation) go beside it."""
+    import transformers
+
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
-            names = [
-                line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")
-            ]
-        cpu = names[0] if names else cpu
+            for line in handle:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
     return {
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": fields.get("model name", cpu),
+        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
     }
 
