@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info, save_report  # noqa: E402
-from benchmarks.frontier import PROMPT  # noqa: E402
+from benchmarks.frontier import MODELS, PROMPT  # noqa: E402
 from benchmarks.kernel_layout import SHAPES  # noqa: E402
 from sparse_lightning.kernels import load  # noqa: E402
 from sparse_lightning.kernels.ops import SOURCE, build_flags  # noqa: E402
@@ -111,16 +111,11 @@ def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tenso
     """(channel kind, input, fused transposed weight) of every call of an input-sparse site over
     ``steps`` greedy decode steps of the real model: the sites and the projections that read
     them as the resolver gives them to the executor."""
-    from sparse_lightning import load_demo_model, resolve
+    from sparse_lightning import resolve
     from sparse_lightning.architectures.weights import input_rows
     from sparse_lightning.units import UNIT_KINDS
 
-    if model_key == "qwen":
-        from benchmarks.offline_models import load_qwen
-
-        model, tokenizer = load_qwen()
-    else:
-        model, tokenizer = load_demo_model()
+    model, tokenizer = MODELS[model_key][1]()
     model.eval()
     architecture = resolve(model)
     calls: list[tuple[str, int, torch.Tensor]] = []
@@ -193,7 +188,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--against", default=READING_ORDER)
     parser.add_argument("--stream-mb", type=int, default=256)
-    parser.add_argument("--activations", nargs="*", choices=["smollm2", "qwen"], default=[])
+    parser.add_argument("--activations", nargs="*", choices=list(MODELS), default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_rows.json")
     args = parser.parse_args()
     load()
