@@ -126,6 +126,22 @@ CPU_DECODE_OPTIONS = {
 }
 
 
+def decode_options() -> dict:
+    """``CPU_DECODE_OPTIONS`` plus the kernel's C entry points
+    (:func:`sparse_lightning.kernels.inductor_options`), which only the sparse steps call."""
+    from sparse_lightning.kernels import inductor_options
+
+    return {**CPU_DECODE_OPTIONS, **inductor_options()}
+
+
+def decode_options_record() -> dict:
+    """:func:`decode_options` as a report records it: the ops called as C functions by name."""
+    from sparse_lightning.kernels import inductor_options
+    from sparse_lightning.kernels.ops import C_SHIMS
+
+    return {**CPU_DECODE_OPTIONS, "c_shims": sorted(C_SHIMS) if inductor_options() else []}
+
+
 class TunedDecode(DecodeRun):
     """Batch-1 greedy decode of ``new_tokens`` in a plain loop (a :class:`DecodeRun` returning
     the ids), the best dense decode we have.
@@ -157,9 +173,7 @@ class TunedDecode(DecodeRun):
         from torch._inductor import config as inductor_config
 
         stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warm)
-        options = (
-            contextlib.nullcontext() if self.warm else inductor_config.patch(CPU_DECODE_OPTIONS)
-        )
+        options = contextlib.nullcontext() if self.warm else inductor_config.patch(decode_options())
         with torch.no_grad(), stance, options:
             yield
         self.warm = True

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    CPU_DECODE_OPTIONS,
+    decode_options,
+    decode_options_record,
     machine_info,
     own_forward,
     paired_ratio,
@@ -109,7 +110,7 @@ def tuned(module: nn.Module, xs: list[torch.Tensor]) -> Callable[..., None]:
     from torch._inductor import config as inductor_config
 
     step = torch.compile(own_forward(module), dynamic=False)
-    with torch.no_grad(), inductor_config.patch(CPU_DECODE_OPTIONS):
+    with torch.no_grad(), inductor_config.patch(decode_options()):
         step(xs)
 
     def run(inputs: list[torch.Tensor] = xs) -> None:
@@ -202,7 +203,7 @@ def main() -> None:
         "machine": machine_info(),
         "repeats": args.repeats,
         "stream_mb": args.stream_mb,
-        "compile_options": CPU_DECODE_OPTIONS,
+        "compile_options": decode_options_record(),
         "seconds": round(time.time() - started),
         "results": rows,
     }

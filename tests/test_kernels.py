@@ -22,7 +22,8 @@ from conftest import (
 
 from sparse_lightning import SparseActivationModule, resolve
 from sparse_lightning.inference import Sparsifier
-from sparse_lightning.kernels import compiled, load, reference
+from sparse_lightning.kernels import compiled, inductor_options, load, load_topk, reference
+from sparse_lightning.kernels.ops import reference_topk
 from sparse_lightning.selection import DynamicSelector
 from sparse_lightning.units import UNIT_KINDS
 
@@ -61,9 +62,9 @@ KEPT_PATTERNS = {
 
 
 @pytest.mark.parametrize("pattern", KEPT_PATTERNS)
-#: Output widths: 0 to 131 whole blocks of 16 columns, odd and even counts, with and without a
-#: remainder, rows split between threads (narrow) and columns split (2100).
-@pytest.mark.parametrize("out", [5, 40, 53, 200, 2100])
+#: Output widths: 0 to 262 whole blocks of 16 columns, odd and even counts, with and without a
+#: remainder, rows split between threads (narrow) and columns split (4200, wide).
+@pytest.mark.parametrize("out", [5, 40, 53, 200, 4200])
 def test_kernel_equals_a_hand_computation_for_every_pattern_of_kept_rows(pattern, out):
     in_features = 83
     g = torch.Generator().manual_seed(out)
@@ -107,6 +108,46 @@ def test_opcheck_passes():
         torch.library.opcheck(op, args)
 
 
+def test_buffers_reused_across_calls_of_every_size_give_the_hand_computation():
+    """The kernel keeps its per-call buffers between calls and grows them on demand: calls
+    that alternate small and large inputs and outputs, row and column splits, both ops."""
+    g = torch.Generator().manual_seed(3)
+    for in_features, out in [(8, 6), (300, 4500), (20, 30), (700, 90), (8, 5000), (5, 3)]:
+        weight_t = torch.randn(in_features, out, generator=g, dtype=torch.float64)
+        x = torch.randn(2, in_features, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(load()(x, weight_t, 0.8, None), by_hand(x, weight_t, 0.8, None))
+        keep = in_features // 3
+        kept = x * (x.abs() >= x.abs().topk(keep, -1).values[:, -1:])
+        torch.testing.assert_close(load_topk()(x, weight_t, keep, None), kept @ weight_t)
+
+
+def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
+    """With ``inductor_options()``, Inductor's C++ wrapper calls the kernel's exported C
+    functions (not the dispatcher by name), and the step equals the plain-PyTorch math."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    g = torch.Generator().manual_seed(4)
+    w1, w2, bias = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g), None
+    bias = torch.randn(40, generator=g)
+
+    def step(x):
+        h = torch.ops.sparse_lightning.input_sparse_linear(x, w1, 0.5, bias)
+        return torch.ops.sparse_lightning.input_sparse_linear_topk(torch.relu(h), w2, 7, None)
+
+    x = torch.randn(1, 24, generator=g)
+    options = inductor_options()
+    assert set(options) == {"aot_inductor.custom_ops_to_c_shims"}
+    with config.patch({"cpp_wrapper": True, **options}), torch.no_grad():
+        got, code = run_and_get_code(torch.compile(step, fullgraph=True), x)
+    source = "\n".join(code)
+    assert "aoti_torch_cpu_input_sparse_linear(" in source, source[-2000:]
+    assert "aoti_torch_cpu_input_sparse_linear_topk(" in source
+    assert "aoti_torch_call_dispatcher" not in source
+    expected = reference_topk(torch.relu(reference(x, w1, 0.5, bias)), w2, 7, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
     """A fresh extension folder and a compiler that does not exist: the build fails, one
     warning names the cause and the fix, and decode gives the masked reference's outputs."""
@@ -115,7 +156,7 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         import warnings, torch
         from conftest import tiny_model
         from sparse_lightning.inference import Sparsifier
-        from sparse_lightning.kernels import compiled, load, reference
+        from sparse_lightning.kernels import compiled, inductor_options, load, reference
         from sparse_lightning.selection import DynamicSelector
         from sparse_lightning import resolve
         with warnings.catch_warnings(record=True) as caught:
@@ -127,6 +168,7 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         assert "pure-PyTorch" in messages[0] and "ninja" in messages[0], messages[0]
         x, w = torch.randn(1, 16), torch.randn(16, 8)
         assert torch.equal(load()(x, w, 0.5, None), reference(x, w, 0.5, None))
+        assert inductor_options() == {}  # the fallback has no C entry points
         model = tiny_model("llama")
         arch = resolve(model)
         Sparsifier(model, arch, {"mlp_input": DynamicSelector(torch.full((2,), 0.5))})

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from collections.abc import Callable
@@ -37,6 +38,15 @@ SCHEMA = "(Tensor x, Tensor weight_t, float threshold, Tensor? bias) -> Tensor"
 TOPK_NAME = "sparse_lightning::input_sparse_linear_topk"
 TOPK_SCHEMA = "(Tensor x, Tensor weight_t, int keep, Tensor? bias) -> Tensor"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "input_sparse_linear.cpp"
+#: The C functions the compiled kernel exports for Inductor's C++ wrapper, per op: their
+#: declarations, as ``torch._inductor.config.aot_inductor.custom_ops_to_c_shims`` takes them.
+C_SHIMS = {
+    "input_sparse_linear": "AOTITorchError aoti_torch_cpu_input_sparse_linear(AtenTensorHandle x, "
+    "AtenTensorHandle weight_t, double threshold, AtenTensorHandle* bias, AtenTensorHandle* ret0)",
+    "input_sparse_linear_topk": "AOTITorchError aoti_torch_cpu_input_sparse_linear_topk("
+    "AtenTensorHandle x, AtenTensorHandle weight_t, int64_t keep, AtenTensorHandle* bias, "
+    "AtenTensorHandle* ret0)",
+}
 
 _state: dict[str, object] = {}
 
@@ -99,6 +109,24 @@ def compiled() -> bool:
     return bool(_state["compiled"])
 
 
+def inductor_options() -> dict[str, object]:
+    """Inductor config entries that let a step compiled with ``cpp_wrapper`` call the compiled
+    kernel as a C function, instead of looking the op up in the dispatcher and boxing its
+    arguments on every call (each decode step makes some hundred calls). Empty when the
+    kernel did not build (the pure-PyTorch op has no C entry points).
+
+    Example:
+        >>> from torch._inductor import config
+        >>> with config.patch({"cpp_wrapper": True, **inductor_options()}):
+        ...     pass  # compile (first call of) the decode step here
+    """
+    if not compiled() or not _state.get("shims"):
+        return {}
+    ops = torch.ops.sparse_lightning
+    shims = {getattr(ops, name).default: [declaration] for name, declaration in C_SHIMS.items()}
+    return {"aot_inductor.custom_ops_to_c_shims": shims}
+
+
 def _fake(x: Tensor, weight_t: Tensor, threshold: float | int, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
@@ -127,7 +155,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        load_extension(
+        library = load_extension(
             name="sparse_lightning_kernels" + ("_avx2" if cpu_flags() else ""),
             sources=[str(SOURCE)],
             **build_flags(),
@@ -144,4 +172,12 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
+    try:
+        # torch loads the library with its symbols private; the C entry points of
+        # inductor_options() must resolve from the generated wrapper's library, so make them
+        # global (RTLD_NOLOAD: the library is already loaded, this only widens its scope).
+        ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        _state["shims"] = True
+    except (OSError, TypeError):  # then compiled steps call the op through the dispatcher
+        _state["shims"] = False
     return True
