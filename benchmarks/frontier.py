@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    CPU_DECODE_OPTIONS,
     TRUTHFULQA,
     calibrated_checkpoint,
+    decode_options_record,
     greedy_decode,
     interleaved_decode,
     machine_info,
@@ -266,10 +266,11 @@ def plot(report: dict, path: Path) -> None:
             )
             for runtime, style in (("tuned", "-o"), ("eager", ":x")):
                 key = f"decode_speedup_{runtime}"
-                if points and key in points[0]:
+                timed = [p for p in points if key in p]  # a partial re-run times some only
+                if timed:
                     ax.plot(
-                        [1.0] + [p[key] for p in points],
-                        [1.0] + [p["top1_agreement"] for p in points],
+                        [1.0] + [p[key] for p in timed],
+                        [1.0] + [p["top1_agreement"] for p in timed],
                         style,
                         color=f"C{color}",
                         label=f"{allocation} ({runtime})",
@@ -356,7 +357,7 @@ def main() -> None:
         "budgets": args.budgets,
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
-        "tuned_options": CPU_DECODE_OPTIONS,
+        "tuned_options": decode_options_record(),
         "prompt": PROMPT,
         "models": {},
     }
