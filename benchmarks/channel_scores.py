@@ -1,7 +1,10 @@
 """Does a weight-aware channel score keep more fidelity than magnitude at equal bytes?
 
 TEAL keeps an input channel ``j`` of a linear layer when ``|x_j|`` is large; WINA (Chen et al.
-2025) when ``|x_j| * ||W[:, j]||`` is, the channel's contribution to the output bound. Both are
+2025) when ``|x_j| * ||W[:, j]||`` is, the channel's contribution to the output bound; SCAP-style
+centring (Chua et al. 2024) when ``|x_j - mu_j|`` is, ``mu_j`` the channel's mean over the answer
+tokens of calibration questions (400-463), and a dropped channel then contributes ``mu_j``
+instead of 0 (``W mu`` folds into a bias, so the kernel would still skip its row). All three are
 run here at *equal bytes*: each token keeps exactly the same number of channels at every site
 (per-token top-k, one level for every channel kind and layer, so neither score gets a byte more
 than the other), with the prompt dense and the answer's tokens sparse as decoding runs them,
@@ -39,7 +42,9 @@ from sparse_lightning.selection.allocation import CHANNEL_KINDS  # noqa: E402
 from sparse_lightning.selection.selectors import kept_count, top_k_mask  # noqa: E402
 from sparse_lightning.units import UNIT_KINDS  # noqa: E402
 
-SCORES = ("magnitude", "wina")
+SCORES = ("magnitude", "wina", "centred")
+#: Calibration questions whose answer tokens give the centred score its channel means.
+CALIBRATION = range(400, 464)
 
 
 class TopK:
@@ -47,24 +52,38 @@ class TopK:
 
     def __init__(self) -> None:
         self.level, self.score, self.positions = 0.0, "magnitude", None
+        self.collecting = False  # True: sum the inputs (for the means), mask nothing
         self.handles: list = []
 
     def attach(self, projections: tuple[torch.nn.Module, ...]) -> None:
         # One column norm over every projection reading the input: the fused row the kernel
         # reads for channel j holds all of them.
         norms = torch.cat([p.weight for p in projections]).norm(dim=0).detach()
+        sums = {"sum": torch.zeros(norms.shape[0]), "count": 0}
         for projection in projections:
-            self.handles.append(projection.register_forward_pre_hook(self._hook(norms)))
+            hook = self._hook(norms, sums, first=projection is projections[0])
+            self.handles.append(projection.register_forward_pre_hook(hook))
 
-    def _hook(self, norms: Tensor):
+    def _hook(self, norms: Tensor, sums: dict, first: bool):
         def mask(module, args):
             x = args[0]
+            if self.collecting:
+                if first:  # each input once, though several projections read it
+                    answer = x[self.positions]
+                    sums["sum"] += answer.sum(0)
+                    sums["count"] += answer.shape[0]
+                return None
             if self.level <= 0:
                 return None
-            score = x.abs() * norms if self.score == "wina" else x.abs()
+            mean = sums["sum"] / max(sums["count"], 1)
+            if self.score == "centred":
+                score = (x - mean).abs()
+            else:
+                score = x.abs() * norms if self.score == "wina" else x.abs()
             keep = top_k_mask(score, kept_count(x.shape[-1], self.level))
             keep |= ~self.positions.unsqueeze(-1)  # the prompt stays dense
-            return (x * keep, *args[1:])
+            dropped = mean.expand_as(x) if self.score == "centred" else torch.zeros_like(x)
+            return (torch.where(keep, x, dropped), *args[1:])
 
         return mask
 
@@ -107,9 +126,13 @@ def main() -> None:
     name, load = MODELS[args.model]
     model, tokenizer = load()
     module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
-    questions = load_truthfulqa(TRUTHFULQA, rows=range(args.questions))
-    loader = DataLoader(questions, batch_size=8, collate_fn=QACollator(tokenizer))
-    batches = [module.prepare_batch(raw) for raw in loader]  # the dense greedy answers
+
+    def answered(rows: range) -> list:  # the dense model's greedy answers, teacher-forced
+        questions = load_truthfulqa(TRUTHFULQA, rows=rows)
+        loader = DataLoader(questions, batch_size=8, collate_fn=QACollator(tokenizer))
+        return [module.prepare_batch(raw) for raw in loader]
+
+    batches, calibration = answered(range(args.questions)), answered(CALIBRATION)
     dense = [answer_log_probs(model, b) for b in batches]
     architecture = module.architecture
     rows = []
@@ -122,6 +145,12 @@ def main() -> None:
                 site = UNIT_KINDS[kind].site
                 for row in range(architecture.depth(kind)):
                     masker.attach(architecture.site_modules(site, row))
+        masker.collecting = True
+        with torch.no_grad():
+            for batch in calibration:
+                masker.positions = batch.labels != IGNORE
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        masker.collecting = False
         for level in levels:
             for score in SCORES:
                 masker.level, masker.score = level, score
@@ -146,6 +175,8 @@ def main() -> None:
             "model": name,
             "evaluation": f"TruthfulQA rows 0-{args.questions - 1}, dense greedy answers "
             "teacher-forced, prompt dense",
+            "centring_means": f"answer tokens of TruthfulQA rows {CALIBRATION.start}-"
+            f"{CALIBRATION.stop - 1}",
             "answer_tokens": int(sum(d.shape[0] for d in dense)),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine_info(),
