@@ -178,6 +178,6 @@ def _build() -> bool:
         # global (RTLD_NOLOAD: the library is already loaded, this only widens its scope).
         ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
         _state["shims"] = True
-    except (OSError, TypeError):  # then compiled steps call the op through the dispatcher
+    except (AttributeError, OSError, TypeError):  # then steps call it through the dispatcher
         _state["shims"] = False
     return True
