@@ -75,14 +75,14 @@ class TopK:
                 return None
             if self.level <= 0:
                 return None
-            mean = sums["sum"] / max(sums["count"], 1)
             if self.score == "centred":
-                score = (x - mean).abs()
+                mean = sums["sum"] / max(sums["count"], 1)
+                score, dropped = (x - mean).abs(), mean.expand_as(x)
             else:
                 score = x.abs() * norms if self.score == "wina" else x.abs()
+                dropped = torch.zeros_like(x)
             keep = top_k_mask(score, kept_count(x.shape[-1], self.level))
             keep |= ~self.positions.unsqueeze(-1)  # the prompt stays dense
-            dropped = mean.expand_as(x) if self.score == "centred" else torch.zeros_like(x)
             return (torch.where(keep, x, dropped), *args[1:])
 
         return mask

@@ -128,7 +128,7 @@ def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
     from torch._inductor.utils import run_and_get_code
 
     g = torch.Generator().manual_seed(4)
-    w1, w2, bias = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g), None
+    w1, w2 = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g)
     bias = torch.randn(40, generator=g)
 
     def step(x):

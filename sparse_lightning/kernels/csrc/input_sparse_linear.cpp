@@ -167,7 +167,7 @@ struct Scratch {
 };
 
 template <typename T>
-Scratch<T>& scratch_of(int64_t in, int64_t partial) {
+Scratch<T>& scratch_of(int64_t in, int64_t partial, int64_t magnitude) {
   thread_local Scratch<T> s;
   if (static_cast<int64_t>(s.index.size()) < in) {
     s.index.resize(in);
@@ -175,6 +175,9 @@ Scratch<T>& scratch_of(int64_t in, int64_t partial) {
   }
   if (static_cast<int64_t>(s.partial.size()) < partial) {
     s.partial.resize(partial);
+  }
+  if (static_cast<int64_t>(s.magnitude.size()) < magnitude) {
+    s.magnitude.resize(magnitude);
   }
   return s;
 }
@@ -196,10 +199,7 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t threads = at::get_num_threads();
   const bool split_rows = out < kColumnsPerThread * threads;
-  Scratch<T>& s = scratch_of<T>(in, split_rows ? threads * out : 0);
-  if (keep >= 0 && static_cast<int64_t>(s.magnitude.size()) < in) {
-    s.magnitude.resize(in);
-  }
+  Scratch<T>& s = scratch_of<T>(in, split_rows ? threads * out : 0, keep >= 0 ? in : 0);
   int64_t* index = s.index.data();
   T* value = s.value.data();
   for (int64_t r = 0; r < tokens; ++r) {
