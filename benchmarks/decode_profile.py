@@ -13,12 +13,15 @@ step splits into its generated GEMM kernels, its other kernels and its wrapper; 
 time per step of each next to what runs outside the step. ``--what prefill`` profiles two
 8 x 128 prefills, dense and compacted at ``--level``, then times each kind of linear layer
 without the profiler. ``--what skip`` profiles the tuned decode of ``--model`` (smollm2 or
-qwen) dense and input-sparse at ``--budget`` (``--allocation``, the frontier's checkpoint),
-the kernel's calls included, and prints the rate at which each side streams its weights. See
+qwen) dense and input-sparse at ``--budget`` (``--allocation``, the frontier's checkpoint,
+``--lm-head`` for the output projection's level), the kernel's calls included, and prints the
+rate at which each side streams its weights. See
 the README's Performance section.
 
     python benchmarks/decode_profile.py [--checkpoint PATH] [--what tuned --level 0.8]
     python benchmarks/decode_profile.py --what skip --model qwen --budget 0.3
+    python benchmarks/decode_profile.py --what skip --budget 0.2 --allocation attribution \
+        --lm-head 0.5
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2", help="skip")
     parser.add_argument("--budget", type=float, default=0.3, help="skip: decode bytes to skip")
     parser.add_argument("--allocation", default="uniform", help="skip: how the budget spreads")
+    parser.add_argument("--lm-head", type=float, default=0.0, help="skip: lm_head level")
     args = parser.parse_args()
     if args.what == "skip":
-        profile_skip(args.model, args.budget, args.allocation)
+        profile_skip(args.model, args.budget, args.allocation, args.lm_head)
         return
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
@@ -89,7 +93,7 @@ def main() -> None:
         profile_tuned(nets, tokenizer)
 
 
-def profile_skip(key: str, budget: float, allocation: str) -> None:
+def profile_skip(key: str, budget: float, allocation: str, lm_head: float) -> None:
     """The tuned decode, dense and input-sparse at ``budget``, and each side's weight stream."""
     import copy
 
@@ -104,12 +108,13 @@ def profile_skip(key: str, budget: float, allocation: str) -> None:
     measured = () if allocation == "uniform" else (allocation,)
     calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
     module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
-    module.set_sparsity(SparsityConfig(budget=budget, allocation=allocation))
+    module.set_sparsity(SparsityConfig(budget=budget, allocation=allocation, lm_head=lm_head))
     architecture = resolve(dense)
     total = architecture.linear_macs() * 4  # float32 bytes per decode token
     head = dense.get_output_embeddings().weight.numel() * 4
-    # Bytes each side streams per step: all of them dense; the budget's share skipped sparse.
-    streamed = {"dense": total, "sparse": total * (1 - budget)}
+    # Bytes each side streams per step: all of them dense; sparse, the budget's share and the
+    # lm_head's dropped rows skipped (its exact candidates, 2% of it, are left out).
+    streamed = {"dense": total, "sparse": total * (1 - budget) - head * lm_head}
     steps = profile_tuned(
         (("dense", dense), (f"{allocation} {budget:.2f}", module.model)), tokenizer
     )
@@ -119,7 +124,8 @@ def profile_skip(key: str, budget: float, allocation: str) -> None:
             f"({head / 1e6:.0f} MB lm_head) -> {streamed[side] / ms / 1e6:.1f} GB/s"
         )
     dense_ms, sparse_ms = steps.values()
-    print(f"step ratio {dense_ms / sparse_ms:.2f}x, byte bound {1 / (1 - budget):.2f}x")
+    bound = streamed["dense"] / streamed["sparse"]
+    print(f"step ratio {dense_ms / sparse_ms:.2f}x, byte bound {bound:.2f}x")
 
 
 def profile_generate(module, compact, tokenizer, level: float) -> None:

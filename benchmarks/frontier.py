@@ -394,8 +394,13 @@ def main() -> None:
             "evaluation_rows": [evaluation.start, evaluation.stop],
         }
         every = saved_points(report["models"].get(key), result) if args.resume else None
-        if every:  # a resumed subset keeps the saved run's other points
-            result["fidelity_source"] = report["models"][key].get("fidelity_source", "--resume")
+        if every:  # a resumed subset keeps the saved run's other points and notes
+            saved = report["models"][key]
+            result = {
+                **saved,
+                **result,
+                "fidelity_source": saved.get("fidelity_source", "--resume"),
+            }
         every = every or []
         known = {key_of(p) for p in every}
         missing = [s for s in settings if key_of(s) not in known]
