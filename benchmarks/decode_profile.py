@@ -15,7 +15,8 @@ time per step of each next to what runs outside the step. ``--what prefill`` pro
 without the profiler. ``--what skip`` profiles the tuned decode of ``--model`` (smollm2 or
 qwen) dense and input-sparse at ``--budget`` (``--allocation``, the frontier's checkpoint,
 ``--lm-head`` for the output projection's level), the kernel's calls included, and prints the
-rate at which each side streams its weights. See
+rate at which each side streams its weights. ``--what split`` takes the same step apart by
+interleaved timings instead of a profiler (:func:`split_step`). See
 the README's Performance section.
 
     python benchmarks/decode_profile.py [--checkpoint PATH] [--what tuned --level 0.8]
@@ -63,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument(
-        "--what", choices=("generate", "tuned", "prefill", "skip"), default="generate"
+        "--what", choices=("generate", "tuned", "prefill", "skip", "split"), default="generate"
     )
     parser.add_argument("--level", type=float, default=None, help="tuned/prefill: default 0.8")
     parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2", help="skip")
@@ -73,6 +74,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "skip":
         profile_skip(args.model, args.budget, args.allocation, args.lm_head)
+        return
+    if args.what == "split":
+        split_step(args.model, args.budget, args.allocation, args.lm_head)
         return
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
@@ -126,6 +130,66 @@ def profile_skip(key: str, budget: float, allocation: str, lm_head: float) -> No
     dense_ms, sparse_ms = steps.values()
     bound = streamed["dense"] / streamed["sparse"]
     print(f"step ratio {dense_ms / sparse_ms:.2f}x, byte bound {bound:.2f}x")
+
+
+#: ``--what split``: levels that drop nearly every input channel (what is left of a step when
+#: the channel kinds stream almost nothing: attention, norms, the calls themselves).
+NEAR_EMPTY = dict.fromkeys(("attn_input", "mlp_input", "head_features", "mlp"), 0.995)
+
+
+def split_step(key: str, budget: float, allocation: str, lm_head: float) -> None:
+    """A decode step taken apart without a profiler: four tuned decodes, each pair's steps
+    interleaved in one process (:func:`interleaved_decode`), differences of ms per step.
+
+    ``D`` is dense, ``S`` the setting, ``Z`` the same lm_head with the channel kinds at
+    :data:`NEAR_EMPTY`, ``Z0`` that with a dense lm_head. ``S - Z`` is what the channel
+    kinds' kept rows cost, ``D - Z0`` what the dense decoder projections cost beyond the
+    kernel's calls, ``Z0 - Z`` what the lm_head setting saves. JSON in
+    ``benchmarks/results/decode_split.json``.
+    """
+    import copy
+
+    from benchmarks.common import interleaved_decode, machine_info, save_report
+    from benchmarks.frontier import MODELS, PROMPT
+    from sparse_lightning import SparsityConfig
+
+    _, load = MODELS[key]
+    model, tokenizer = load()
+    path = ROOT / "checkpoints" / f"{key}-frontier-400-800.safetensors"
+    measured = () if allocation == "uniform" else (allocation,)
+    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
+    settings = {
+        "S": SparsityConfig(budget=budget, allocation=allocation, lm_head=lm_head),
+        "Z": SparsityConfig(NEAR_EMPTY, lm_head=lm_head),
+        "Z0": SparsityConfig(NEAR_EMPTY),
+    }
+    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    runs = {"D": tuned_decode(copy.deepcopy(model), prompt, 32)}
+    modules = []  # each setting on a copy of its own, so nothing switches between steps
+    for name, setting in settings.items():
+        modules.append(
+            SparseActivationModule.from_pretrained(copy.deepcopy(model), path, tokenizer=tokenizer)
+        )
+        modules[-1].set_sparsity(setting)
+        runs[name] = tuned_decode(modules[-1].model, prompt, 32)
+    rows = []
+    for _ in range(2):
+        for a, b in (("D", "S"), ("S", "Z"), ("Z0", "Z"), ("D", "Z0")):
+            result = interleaved_decode(runs[a], runs[b], 7)
+            ms_a = 1e3 / result["dense_decode_tokens_per_s"]
+            ms_b = 1e3 / result["decode_tokens_per_s"]
+            rows.append({"pair": f"{a}-{b}", a: ms_a, b: ms_b, "difference_ms": ms_a - ms_b})
+            print(f"{a} {ms_a:.2f} vs {b} {ms_b:.2f} ms per step: {a}-{b} = {ms_a - ms_b:.2f} ms")
+    report = {
+        "benchmark": "decode_split",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
+        "model": key,
+        "settings": {"S": {"budget": budget, "allocation": allocation, "lm_head": lm_head}},
+        "near_empty": NEAR_EMPTY,
+        "rows": rows,
+    }
+    save_report(report, ROOT / "benchmarks/results/decode_split.json")
 
 
 def profile_generate(module, compact, tokenizer, level: float) -> None:
