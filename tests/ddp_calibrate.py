@@ -9,6 +9,7 @@ ranks by re-running the script that created the Trainer.
 import sys
 from pathlib import Path
 
+import torch
 from conftest import loader_of, quiet_trainer, tiny_model, token_pairs
 from safetensors.torch import save_file
 
@@ -26,6 +27,9 @@ def main(devices: int, out_dir: Path) -> None:
     save_file(
         callback.statistics.tensors(), str(out_dir / f"devices{devices}_rank{rank}.safetensors")
     )
+    # Gloo's threads must be joined before the interpreter exits (see ddp_evaluate.py).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from conftest import char_tokenizer, quiet_trainer, tiny_model
 
 from sparse_lightning import QADataModule, QAEvaluation, SparseActivationModule, SparsityConfig
@@ -34,6 +35,10 @@ def main(devices: int, out_dir: Path, data: str | None = None) -> None:
     trainer.test(module, datamodule=data_module, verbose=False)
     path = out_dir / f"eval_devices{devices}_rank{trainer.global_rank}.json"
     path.write_text(json.dumps(evaluation.results))
+    # Gloo's threads must be joined before the interpreter exits: left to exit, a rank
+    # sometimes aborted ("terminate called without an active exception") after its work.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
