@@ -67,10 +67,16 @@ def main() -> None:
         "--what", choices=("generate", "tuned", "prefill", "skip", "split"), default="generate"
     )
     parser.add_argument("--level", type=float, default=None, help="tuned/prefill: default 0.8")
-    parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2", help="skip")
-    parser.add_argument("--budget", type=float, default=0.3, help="skip: decode bytes to skip")
-    parser.add_argument("--allocation", default="uniform", help="skip: how the budget spreads")
-    parser.add_argument("--lm-head", type=float, default=0.0, help="skip: lm_head level")
+    parser.add_argument(
+        "--model", choices=("smollm2", "qwen"), default="smollm2", help="skip/split"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=0.3, help="skip/split: decode bytes to skip"
+    )
+    parser.add_argument(
+        "--allocation", default="uniform", help="skip/split: how the budget spreads"
+    )
+    parser.add_argument("--lm-head", type=float, default=0.0, help="skip/split: lm_head level")
     args = parser.parse_args()
     if args.what == "skip":
         profile_skip(args.model, args.budget, args.allocation, args.lm_head)
@@ -97,20 +103,28 @@ def main() -> None:
         profile_tuned(nets, tokenizer)
 
 
+def frontier_checkpoint(key: str, allocation: str):
+    """``--model``'s model and tokenizer, and the frontier's checkpoint of it (calibrated on
+    TruthfulQA 400-799 when missing, with ``allocation``'s table unless it is uniform)."""
+    from benchmarks.frontier import MODELS
+
+    _, load = MODELS[key]
+    model, tokenizer = load()
+    path = ROOT / "checkpoints" / f"{key}-frontier-400-800.safetensors"
+    measured = () if allocation == "uniform" else (allocation,)
+    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
+    return model, tokenizer, path
+
+
 def profile_skip(key: str, budget: float, allocation: str, lm_head: float) -> None:
     """The tuned decode, dense and input-sparse at ``budget``, and each side's weight stream."""
     import copy
 
-    from benchmarks.frontier import MODELS
     from sparse_lightning import SparsityConfig
     from sparse_lightning.architectures import resolve
 
-    _, load = MODELS[key]
-    model, tokenizer = load()
+    model, tokenizer, path = frontier_checkpoint(key, allocation)
     dense = copy.deepcopy(model)
-    path = ROOT / "checkpoints" / f"{key}-frontier-400-800.safetensors"
-    measured = () if allocation == "uniform" else (allocation,)
-    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
     module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
     module.set_sparsity(SparsityConfig(budget=budget, allocation=allocation, lm_head=lm_head))
     architecture = resolve(dense)
@@ -150,14 +164,10 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float) -> None
     import copy
 
     from benchmarks.common import interleaved_decode, machine_info, save_report
-    from benchmarks.frontier import MODELS, PROMPT
+    from benchmarks.frontier import PROMPT
     from sparse_lightning import SparsityConfig
 
-    _, load = MODELS[key]
-    model, tokenizer = load()
-    path = ROOT / "checkpoints" / f"{key}-frontier-400-800.safetensors"
-    measured = () if allocation == "uniform" else (allocation,)
-    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
+    model, tokenizer, path = frontier_checkpoint(key, allocation)
     settings = {
         "S": SparsityConfig(budget=budget, allocation=allocation, lm_head=lm_head),
         "Z": SparsityConfig(NEAR_EMPTY, lm_head=lm_head),
