@@ -129,11 +129,12 @@ def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
 
     g = torch.Generator().manual_seed(4)
     w1, w2 = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g)
-    bias = torch.randn(40, generator=g)
+    w3, bias = torch.randn(16, 300, generator=g), torch.randn(40, generator=g)
 
     def step(x):
         h = torch.ops.sparse_lightning.input_sparse_linear(x, w1, 0.5, bias)
-        return torch.ops.sparse_lightning.input_sparse_linear_topk(torch.relu(h), w2, 7, None)
+        h = torch.ops.sparse_lightning.input_sparse_linear_topk(torch.relu(h), w2, 7, None)
+        return torch.ops.sparse_lightning.input_sparse_logits(torch.tanh(h), w3, 5, 4, None)
 
     x = torch.randn(1, 24, generator=g)
     options = inductor_options()
@@ -143,8 +144,12 @@ def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
     source = "\n".join(code)
     assert "aoti_torch_cpu_input_sparse_linear(" in source, source[-2000:]
     assert "aoti_torch_cpu_input_sparse_linear_topk(" in source
+    assert "aoti_torch_cpu_input_sparse_logits(" in source
     assert "aoti_torch_call_dispatcher" not in source
-    expected = reference_topk(torch.relu(reference(x, w1, 0.5, bias)), w2, 7, None)
+    h = torch.tanh(reference_topk(torch.relu(reference(x, w1, 0.5, bias)), w2, 7, None))
+    approx = reference_topk(h, w3, 5, None)
+    index = approx.topk(4).indices
+    expected = approx.scatter(-1, index, (h @ w3).gather(-1, index))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -156,7 +161,8 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         import warnings, torch
         from conftest import tiny_model
         from sparse_lightning.inference import Sparsifier
-        from sparse_lightning.kernels import compiled, inductor_options, load, reference
+        from sparse_lightning.kernels import compiled, inductor_options, load, load_logits
+        from sparse_lightning.kernels import reference
         from sparse_lightning.selection import DynamicSelector
         from sparse_lightning import resolve
         with warnings.catch_warnings(record=True) as caught:
@@ -168,6 +174,10 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         assert "pure-PyTorch" in messages[0] and "ninja" in messages[0], messages[0]
         x, w = torch.randn(1, 16), torch.randn(16, 8)
         assert torch.equal(load()(x, w, 0.5, None), reference(x, w, 0.5, None))
+        approx = (x * (x.abs() >= x.abs().topk(4).values[:, -1:])) @ w
+        index = approx.topk(3).indices
+        expected = approx.scatter(-1, index, (x @ w).gather(-1, index))
+        torch.testing.assert_close(load_logits()(x, w, 4, 3, None), expected)
         assert inductor_options() == {}  # the fallback has no C entry points
         model = tiny_model("llama")
         arch = resolve(model)

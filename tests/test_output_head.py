@@ -10,7 +10,7 @@ from conftest import ARCH_TYPES, by_hand, decode_logits, static_cache_step, tiny
 from sparse_lightning import SparseActivationModule, SparsityConfig, resolve
 from sparse_lightning.inference import Sparsifier
 from sparse_lightning.inference.accounting import decode_bytes_skipped
-from sparse_lightning.kernels import load_topk
+from sparse_lightning.kernels import load_logits, load_topk
 
 PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
 
@@ -48,6 +48,68 @@ def test_topk_opcheck_passes_and_a_negative_count_is_refused():
     )
     with pytest.raises(RuntimeError, match="keep must be >= 0"):
         op(torch.randn(1, 4), torch.randn(4, 3), -1, None)
+
+
+def logits_by_hand(x, weight_t, keep, candidates, bias) -> torch.Tensor:
+    """Per token: the top-k kernel's hand computation, then its ``candidates`` largest values
+    (sorted by hand) replaced by the full dot products."""
+    approx = top_k_by_hand(x, weight_t, keep, bias).reshape(-1, weight_t.shape[1])
+    out = approx.clone()
+    for r, token in enumerate(x.reshape(-1, x.shape[-1]).double()):
+        order = sorted(range(approx.shape[1]), key=lambda c: -float(approx[r, c]))
+        for c in order[:candidates]:
+            exact = float(token @ weight_t[:, c].double())
+            out[r, c] = exact + (0.0 if bias is None else float(bias[c]))
+    return out.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64, 200), (96, 3000)])
+@pytest.mark.parametrize("keep", [1, 5, 48, 200])
+@pytest.mark.parametrize("candidates", [1, 7, 64, 5000])
+def test_logits_kernel_equals_a_hand_computation(shape, keep, candidates):
+    """Approximate logits with their largest ``candidates`` exact: one token and several,
+    with and without bias, fewer and more candidates than columns; float64 weights, so no
+    near-tie of the approximations orders differently in the two computations."""
+    g = torch.Generator().manual_seed(sum(shape) + keep + candidates)
+    weight_t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    bias = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    for x in (
+        torch.randn(1, shape[0], generator=g, dtype=torch.float64),
+        torch.randn(2, 3, shape[0], generator=g, dtype=torch.float64),
+    ):
+        for b in (None, bias):
+            got = load_logits()(x, weight_t, keep, candidates, b)
+            expected = logits_by_hand(x, weight_t, keep, candidates, b)
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_logits_kernel_in_float32_on_the_smollm2_shape():
+    """SmolLM2's lm_head shape (576 x 49,152) at keep 288 and 64 candidates, float32, against
+    the ATen composition of the masked top-k input, torch.topk and the dense logits."""
+    g = torch.Generator().manual_seed(5)
+    weight_t = torch.randn(576, 49152, generator=g)
+    x = torch.randn(1, 576, generator=g)
+    got = load_logits()(x, weight_t, 288, 64, None)
+    magnitude = x.abs()
+    kept = x * (magnitude >= magnitude.topk(288).values[:, -1:])
+    approx = kept @ weight_t
+    index = approx.topk(64).indices
+    expected = approx.scatter(-1, index, (x @ weight_t).gather(-1, index))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(got, x @ weight_t, atol=1e-3)  # the tail stayed approximate
+
+
+def test_logits_opcheck_passes_and_bad_counts_are_refused():
+    g = torch.Generator().manual_seed(3)
+    op = load_logits()
+    torch.library.opcheck(op, (torch.randn(1, 24, generator=g), torch.randn(24, 400), 6, 5, None))
+    torch.library.opcheck(
+        op, (torch.randn(2, 3, 24, generator=g), torch.randn(24, 40), 9, 3, torch.randn(40))
+    )
+    with pytest.raises(RuntimeError, match="candidates must be >= 1"):
+        op(torch.randn(1, 4), torch.randn(4, 3), 2, 0, None)
+    with pytest.raises(RuntimeError, match="keep must be >= 0"):
+        op(torch.randn(1, 4), torch.randn(4, 3), -1, 2, None)
 
 
 def masked_head_decode(model_type: str, level: float, candidates: int) -> torch.Tensor:
@@ -145,8 +207,9 @@ def test_lm_head_bytes_by_hand():
     """Tiny llama: 2 layers, hidden 32, 37 neurons, vocab 99, untied lm_head (99 x 32)."""
     arch = resolve(tiny_model("llama"))
     total = arch.linear_macs()
-    # half of the lm_head's 3168 weights, less 2 candidates x 32 rows x 16 floats per line
-    expected = (0.5 * 99 * 32 - 2 * 32 * 16) / total
+    # half of the lm_head's 3168 weights, less 2 candidates x the 16 dropped rows x 16 floats
+    # per cache line (the exact recomputation reads only the dropped rows' candidate weights)
+    expected = (0.5 * 99 * 32 - 2 * 16 * 16) / total
     assert decode_bytes_skipped({"lm_head": 0.5}, arch, 2, 4) == pytest.approx(expected)
     both = decode_bytes_skipped({"lm_head": 0.5, "mlp": 0.25}, arch, 2, 4)
     assert both == pytest.approx(expected + 0.25 * 2 * 37 * 32 / total)

@@ -40,7 +40,8 @@ def decode_bytes_skipped(
     skips: a dropped channel's weights in every projection that reads it (heads and neurons:
     their columns of o and down, not the rows of the projections that made them), and the
     output projection's dropped input rows less what recomputing its ``lm_head_candidates``
-    logits reads (a cache line of ``element_size``-byte weights per candidate weight)."""
+    logits reads (a cache line of ``element_size``-byte weights per candidate weight of a
+    dropped row)."""
     skipped = sum(
         ratio * architecture.site_macs_all_layers(UNIT_KINDS[kind].site)
         for kind, ratio in realized.items()
@@ -48,7 +49,8 @@ def decode_bytes_skipped(
     )
     if realized.get(OUTPUT_KIND):
         skipped += realized[OUTPUT_KIND] * architecture.output_macs
-        skipped -= candidate_macs(lm_head_candidates, architecture.hidden_size, element_size)
+        dropped = realized[OUTPUT_KIND] * architecture.hidden_size
+        skipped -= candidate_macs(lm_head_candidates, dropped, element_size)
     return skipped / architecture.linear_macs()
 
 

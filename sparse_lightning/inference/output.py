@@ -6,9 +6,12 @@ half of its input channels per token keeps the dense top-1 token only 76% of the
 SmolLM2. But the logits that decide the next token are few. So a decode step here
 
 1. computes approximate logits from each token's ``keep`` input channels of largest magnitude
-   (the compiled top-k kernel reads only those rows of the weight stored transposed), then
-2. recomputes the ``candidates`` largest approximate logits exactly (``candidates`` columns of
-   the transposed weight) and writes them over the approximations.
+   (the compiled kernel reads only those rows of the weight stored transposed), then
+2. recomputes the ``candidates`` largest approximate logits exactly, adding the dropped
+   channels' weights of those columns to them, and writes them over the approximations.
+
+Both run in one compiled op (``input_sparse_logits``), whose threads find the candidates among
+the columns they have just summed and prefetch the scattered candidate weights.
 
 Greedy decoding then picks the dense model's token whenever it is among the candidates (the
 approximation only has to rank it in the top ``candidates``), and the distribution differs from
@@ -29,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sparse_lightning.inference.executor import restrict
-from sparse_lightning.kernels import load_topk
+from sparse_lightning.kernels import load_logits
 from sparse_lightning.kernels.ops import top_k_channels
 from sparse_lightning.selection.selectors import kept_count
 
@@ -39,11 +42,12 @@ KIND = "lm_head"
 CACHE_LINE = 64
 
 
-def candidate_macs(candidates: int, in_features: int, element_size: int) -> int:
+def candidate_macs(candidates: int, dropped: float, element_size: int) -> int:
     """Weight reads of the exact recomputation, in multiply-adds of the element size: one
-    cache line per candidate weight, since a candidate's weights are a column of the
-    transposed layout (``in_features`` lines), not a contiguous row."""
-    return candidates * in_features * max(1, CACHE_LINE // element_size)
+    cache line per candidate weight of each of the ``dropped`` input channels (the kept ones
+    are in the approximation already), since a candidate's weights are a column of the
+    transposed layout, not a contiguous row."""
+    return round(candidates * dropped * max(1, CACHE_LINE // element_size))
 
 
 class OutputExecutor:
@@ -68,7 +72,7 @@ class OutputExecutor:
         self.units = head.in_features
         self.keep = kept_count(self.units, level)
         self.candidates = min(candidates, head.out_features)
-        self.op = load_topk()
+        self.op = load_logits()
         with torch.no_grad():
             self.weight_t = head.weight.t().contiguous()
             head.weight.data = self.weight_t.t()  # a tied embedding reads the same storage
@@ -103,13 +107,7 @@ class OutputExecutor:
         return torch.where(rows.reshape(*x.shape[:-1], 1), exact, dense)
 
     def _decode(self, x: Tensor) -> Tensor:
-        """One token: approximate logits through the kernel, the candidates recomputed."""
-        approx = self.op(x, self.weight_t, self.keep, self.bias)
-        index = approx.topk(self.candidates, dim=-1).indices
-        flat = index.reshape(-1)
-        exact = x.reshape(1, self.units) @ self.weight_t.index_select(1, flat)
-        if self.bias is not None:
-            exact = exact + self.bias.index_select(0, flat)
+        """One token: approximate logits and exact candidates, in one call of the kernel."""
         if not torch.compiler.is_compiling():
             self.owner.count(KIND, zeroed=torch.tensor(self.units - self.keep), seen=self.units)
-        return approx.scatter(-1, index, exact.reshape(index.shape))
+        return self.op(x, self.weight_t, self.keep, self.candidates, self.bias)

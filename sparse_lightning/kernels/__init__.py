@@ -4,9 +4,20 @@ from sparse_lightning.kernels.ops import (
     compiled,
     inductor_options,
     load,
+    load_logits,
     load_topk,
     reference,
+    reference_logits,
     reference_topk,
 )
 
-__all__ = ["compiled", "inductor_options", "load", "load_topk", "reference", "reference_topk"]
+__all__ = [
+    "compiled",
+    "inductor_options",
+    "load",
+    "load_logits",
+    "load_topk",
+    "reference",
+    "reference_logits",
+    "reference_topk",
+]

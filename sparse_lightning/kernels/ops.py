@@ -6,6 +6,9 @@
 ``input_sparse_linear_topk(x, weight_t, keep, bias)`` keeps instead each token's ``keep``
 channels of largest magnitude (those at or above the ``keep``-th largest ``|x_i|``), the
 per-token count that the output projection's input uses (no calibrated threshold).
+``input_sparse_logits(x, weight_t, keep, candidates, bias)`` is the output projection of a
+decode step in one call: the top-k op's approximate logits with their ``candidates`` largest
+recomputed exactly (:func:`reference_logits`).
 The C++ source (``csrc/input_sparse_linear.cpp``) is compiled with
 ``torch.utils.cpp_extension`` the first time :func:`load` runs (AVX2/FMA when this CPU has
 them, OpenMP threads through ``at::parallel_for``) and cached by torch's extension cache. A
@@ -37,7 +40,12 @@ NAME = "sparse_lightning::input_sparse_linear"
 SCHEMA = "(Tensor x, Tensor weight_t, float threshold, Tensor? bias) -> Tensor"
 TOPK_NAME = "sparse_lightning::input_sparse_linear_topk"
 TOPK_SCHEMA = "(Tensor x, Tensor weight_t, int keep, Tensor? bias) -> Tensor"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "input_sparse_linear.cpp"
+LOGITS_NAME = "sparse_lightning::input_sparse_logits"
+LOGITS_SCHEMA = "(Tensor x, Tensor weight_t, int keep, int candidates, Tensor? bias) -> Tensor"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "input_sparse_linear.cpp"
+#: The extension's sources (``sparse_rows.h`` holds what both share).
+SOURCES = [SOURCE, CSRC / "sparse_logits.cpp"]
 #: The C functions the compiled kernel exports for Inductor's C++ wrapper, per op: their
 #: declarations, as ``torch._inductor.config.aot_inductor.custom_ops_to_c_shims`` takes them.
 C_SHIMS = {
@@ -45,6 +53,9 @@ C_SHIMS = {
     "AtenTensorHandle weight_t, double threshold, AtenTensorHandle* bias, AtenTensorHandle* ret0)",
     "input_sparse_linear_topk": "AOTITorchError aoti_torch_cpu_input_sparse_linear_topk("
     "AtenTensorHandle x, AtenTensorHandle weight_t, int64_t keep, AtenTensorHandle* bias, "
+    "AtenTensorHandle* ret0)",
+    "input_sparse_logits": "AOTITorchError aoti_torch_cpu_input_sparse_logits(AtenTensorHandle x, "
+    "AtenTensorHandle weight_t, int64_t keep, int64_t candidates, AtenTensorHandle* bias, "
     "AtenTensorHandle* ret0)",
 }
 
@@ -77,6 +88,19 @@ def reference_topk(x: Tensor, weight_t: Tensor, keep: int, bias: Tensor | None) 
     return y if bias is None else y + bias
 
 
+def reference_logits(
+    x: Tensor, weight_t: Tensor, keep: int, candidates: int, bias: Tensor | None
+) -> Tensor:
+    """The logits op's math in plain PyTorch: :func:`reference_topk`'s approximate logits, with
+    the ``candidates`` largest of each token replaced by the exact ``x @ weight_t + bias``."""
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}.")
+    approx = reference_topk(x, weight_t, keep, bias)
+    index = approx.topk(min(candidates, weight_t.shape[1]), dim=-1).indices
+    exact = x @ weight_t if bias is None else x @ weight_t + bias
+    return approx.scatter(-1, index, exact.gather(-1, index))
+
+
 def load() -> Callable[..., Tensor]:
     """The op, building (first call) or loading (later calls) the compiled kernel.
 
@@ -90,10 +114,14 @@ def load() -> Callable[..., Tensor]:
             torch.library.impl(NAME, "CompositeExplicitAutograd")(reference)
             torch.library.define(TOPK_NAME, TOPK_SCHEMA)
             torch.library.impl(TOPK_NAME, "CompositeExplicitAutograd")(reference_topk)
+            torch.library.define(LOGITS_NAME, LOGITS_SCHEMA)
+            torch.library.impl(LOGITS_NAME, "CompositeExplicitAutograd")(reference_logits)
         torch.library.register_fake(NAME)(_fake)
         torch.library.register_fake(TOPK_NAME)(_fake)
+        torch.library.register_fake(LOGITS_NAME)(_fake_logits)
         _state["op"] = torch.ops.sparse_lightning.input_sparse_linear
         _state["topk"] = torch.ops.sparse_lightning.input_sparse_linear_topk
+        _state["logits"] = torch.ops.sparse_lightning.input_sparse_logits
     return _state["op"]  # type: ignore[return-value]
 
 
@@ -101,6 +129,12 @@ def load_topk() -> Callable[..., Tensor]:
     """``torch.ops.sparse_lightning.input_sparse_linear_topk`` (built as :func:`load` does)."""
     load()
     return _state["topk"]  # type: ignore[return-value]
+
+
+def load_logits() -> Callable[..., Tensor]:
+    """``torch.ops.sparse_lightning.input_sparse_logits`` (built as :func:`load` does)."""
+    load()
+    return _state["logits"]  # type: ignore[return-value]
 
 
 def compiled() -> bool:
@@ -131,6 +165,12 @@ def _fake(x: Tensor, weight_t: Tensor, threshold: float | int, bias: Tensor | No
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
+def _fake_logits(
+    x: Tensor, weight_t: Tensor, keep: int, candidates: int, bias: Tensor | None
+) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
 def cpu_flags() -> list[str]:
     """Compiler flags for this CPU: AVX2 and FMA where ``/proc/cpuinfo`` lists both."""
     try:
@@ -157,7 +197,7 @@ def _build() -> bool:
 
         library = load_extension(
             name="sparse_lightning_kernels" + ("_avx2" if cpu_flags() else ""),
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             **build_flags(),
             is_python_module=False,
             verbose=False,

@@ -1,0 +1,177 @@
+// Helpers shared by the input-sparse kernels (input_sparse_linear.cpp, sparse_logits.cpp):
+// streaming kept rows of a transposed weight, finding a token's kept channels, and its
+// threshold. Inline functions in a named namespace, so both translation units share them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace sparse_rows {
+
+// acc[0:n] += sum over j < R of v[j] * rows[j][0:n]: R rows streamed at once, so R memory
+// streams are in flight and acc is loaded and stored once per R rows.
+template <int R, typename T>
+inline void axpy(T* acc, const T* const* rows, const T* v, int64_t n) {
+  int64_t c = 0;
+  for (; c < n; ++c) {
+    T s = acc[c];
+    for (int j = 0; j < R; ++j) {
+      s += v[j] * rows[j][c];
+    }
+    acc[c] = s;
+  }
+}
+
+template <int R>
+inline void axpy(float* acc, const float* const* rows, const float* v, int64_t n) {
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a[R];
+  for (int j = 0; j < R; ++j) {
+    a[j] = _mm256_set1_ps(v[j]);
+  }
+  for (; c + 16 <= n; c += 16) {
+    __m256 s = _mm256_loadu_ps(acc + c);
+    __m256 t = _mm256_loadu_ps(acc + c + 8);
+    for (int j = 0; j < R; ++j) {
+      s = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c), s);
+      t = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c + 8), t);
+    }
+    _mm256_storeu_ps(acc + c, s);
+    _mm256_storeu_ps(acc + c + 8, t);
+  }
+#endif
+  for (; c < n; ++c) {
+    float s = acc[c];
+    for (int j = 0; j < R; ++j) {
+      s += v[j] * rows[j][c];
+    }
+    acc[c] = s;
+  }
+}
+
+// acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n].
+template <typename T>
+inline void accumulate(T* acc, const T* w, int64_t ld, const int64_t* index, const T* value,
+                       int64_t first, int64_t last, int64_t n) {
+  constexpr int R = 8;
+  const T* rows[R];
+  int64_t k = first;
+  for (; k + R <= last; k += R) {
+    for (int j = 0; j < R; ++j) {
+      rows[j] = w + index[k + j] * ld;
+    }
+    axpy<R>(acc, rows, value + k, n);
+  }
+  for (; k < last; ++k) {
+    rows[0] = w + index[k] * ld;
+    axpy<1>(acc, rows, value + k, n);
+  }
+}
+
+// The kept channels of one token: index[0:count] and their values, in channel order.
+template <typename T>
+inline int64_t kept_channels(const T* x, int64_t in, T t, int64_t* index, T* value) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < in; ++i) {
+    if (std::abs(x[i]) >= t) {
+      index[count] = i;
+      value[count++] = x[i];
+    }
+  }
+  return count;
+}
+
+template <>
+inline int64_t kept_channels(const float* x, int64_t in, float t, int64_t* index, float* value) {
+  int64_t count = 0, i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 threshold = _mm256_set1_ps(t);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= in; i += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude);
+    int bits = _mm256_movemask_ps(_mm256_cmp_ps(v, threshold, _CMP_GE_OQ));
+    while (bits != 0) {
+      const int b = __builtin_ctz(bits);
+      index[count] = i + b;
+      value[count++] = x[i + b];
+      bits &= bits - 1;
+    }
+  }
+#endif
+  for (; i < in; ++i) {
+    if (std::abs(x[i]) >= t) {
+      index[count] = i;
+      value[count++] = x[i];
+    }
+  }
+  return count;
+}
+
+// The keep-th largest |x_i| of one token (keep in [1, in)), the threshold of the _topk op.
+template <typename T>
+inline T kth_magnitude(const T* x, int64_t in, int64_t keep, std::vector<T>& scratch) {
+  for (int64_t i = 0; i < in; ++i) {
+    scratch[i] = std::abs(x[i]);
+  }
+  std::nth_element(scratch.begin(), scratch.begin() + (keep - 1), scratch.begin() + in,
+                   [](T a, T b) { return a > b; });
+  return scratch[keep - 1];
+}
+
+// A token's threshold: the given one, or (keep >= 0) the one keeping its keep largest.
+template <typename T>
+inline T token_threshold(const T* x, int64_t in, T threshold, int64_t keep,
+                         std::vector<T>& scratch) {
+  if (keep < 0) {
+    return threshold;
+  }
+  if (keep == 0) {
+    return std::numeric_limits<T>::infinity();
+  }
+  return keep >= in ? T(0) : kth_magnitude(x, in, keep, scratch);
+}
+
+// Columns per parallel task: a multiple of the vector width.
+constexpr int64_t kGrain = 64;
+// Below this many output columns per thread, threads split the kept rows instead of the
+// columns: a column slice of a narrow output is too short to stream well. Measured on 2 threads
+// (2026-11-25): SmolLM2's gate|up (3072 columns) streams 1.08-1.17x faster at 0% and
+// 1.02-1.05x at 50% skipped with whole rows; Qwen's (9728) is even either way.
+constexpr int64_t kColumnsPerThread = 2048;
+
+// Per-call buffers, kept per calling thread and grown on demand: a decode step calls the op
+// some hundred times, and allocating and zero-filling them on each call showed in profiles.
+template <typename T>
+struct Scratch {
+  std::vector<int64_t> index;
+  std::vector<T> value, partial, magnitude;
+};
+
+template <typename T>
+Scratch<T>& scratch_of(int64_t in, int64_t partial, int64_t magnitude) {
+  thread_local Scratch<T> s;
+  if (static_cast<int64_t>(s.index.size()) < in) {
+    s.index.resize(in);
+    s.value.resize(in);
+  }
+  if (static_cast<int64_t>(s.partial.size()) < partial) {
+    s.partial.resize(partial);
+  }
+  if (static_cast<int64_t>(s.magnitude.size()) < magnitude) {
+    s.magnitude.resize(magnitude);
+  }
+  return s;
+}
+
+}  // namespace sparse_rows
