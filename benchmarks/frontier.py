@@ -125,6 +125,7 @@ def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) 
                 "budget": setting.budget,
                 "lm_head": setting.lm_head,
                 "lm_head_candidates": setting.lm_head_candidates,
+                "lm_head_basis": setting.lm_head_basis,
                 "top1_agreement": row["top1_agreement"],
                 "kl": row["kl"],
                 "decode_bytes_skipped": skipped,
@@ -140,21 +141,27 @@ def fidelity_points(module, tokenizer, settings, calib, evaluation, args, name) 
 
 
 def key_of(point: dict | SparsityConfig) -> tuple:
-    """What identifies a point: its allocation, budget and lm_head level (0 before it existed)."""
+    """What identifies a point: its allocation, budget, lm_head level (0 before it existed)
+    and, when that is not 0, the lm_head's basis (points before it existed: channels)."""
     if isinstance(point, SparsityConfig):
-        return point.allocation, point.budget, point.lm_head
-    return point["allocation"], point["budget"], point.get("lm_head", 0.0)
+        level, basis = point.lm_head, point.lm_head_basis
+        return point.allocation, point.budget, level, basis if level else None
+    level, basis = point.get("lm_head", 0.0), point.get("lm_head_basis", "channels")
+    return point["allocation"], point["budget"], level, basis if level else None
 
 
-def lm_head_suffix(level: float) -> str:
-    """How points and settings name their lm_head level (nothing when it is dense)."""
-    return f" + lm_head {level:.2f}" if level else ""
+def lm_head_suffix(level: float, basis: str | None = None) -> str:
+    """How points and settings name their lm_head level (nothing when it is dense) and a
+    rotated basis."""
+    if not level:
+        return ""
+    return f" + lm_head {level:.2f}" + (" rotated" if basis == "rotated" else "")
 
 
 def series(point: dict) -> str:
     """The line a point belongs to: its allocation, with the lm_head level when it has one."""
-    allocation, _, level = key_of(point)
-    return allocation + lm_head_suffix(level)
+    allocation, _, level, basis = key_of(point)
+    return allocation + lm_head_suffix(level, basis)
 
 
 def saved_points(saved: dict | None, result: dict) -> list[dict] | None:
@@ -193,7 +200,8 @@ def earlier(point: dict, runtime: str) -> None:
 def label(setting: SparsityConfig) -> str:
     if setting.is_dense:
         return "dense"
-    return f"{setting.allocation} {setting.budget:.2f}{lm_head_suffix(setting.lm_head)}"
+    suffix = lm_head_suffix(setting.lm_head, setting.lm_head_basis)
+    return f"{setting.allocation} {setting.budget:.2f}{suffix}"
 
 
 def at_agreement(points: list[dict], target: float, key: str) -> float | None:
@@ -319,6 +327,12 @@ def main() -> None:
         help="lm_head input levels (each a set of points beside the budgets); 0: lm_head dense",
     )
     parser.add_argument("--lm-head-candidates", type=int, default=64)
+    parser.add_argument(
+        "--lm-head-basis",
+        choices=("rotated", "channels"),
+        default="rotated",
+        help="where the lm_head drops channels (rotated: the calibrated eigenbasis of its input)",
+    )
     parser.add_argument("--allocation-batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -381,7 +395,11 @@ def main() -> None:
         module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
         settings = [
             SparsityConfig(
-                budget=b, allocation=a, lm_head=h, lm_head_candidates=args.lm_head_candidates
+                budget=b,
+                allocation=a,
+                lm_head=h,
+                lm_head_candidates=args.lm_head_candidates,
+                lm_head_basis=args.lm_head_basis,
             )
             for h in args.lm_head
             for a in args.allocations

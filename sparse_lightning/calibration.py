@@ -22,7 +22,7 @@ from sparse_lightning.attribution.capture import (
 )
 from sparse_lightning.attribution.functional import integration_points
 from sparse_lightning.attribution.statistics import Statistics
-from sparse_lightning.attribution.sums import AttributionSums
+from sparse_lightning.attribution.sums import AttributionSums, SecondMoment
 from sparse_lightning.checkpoint import DEFAULT_DIR, run_path, save_statistics
 from sparse_lightning.data.teacher_forcing import TeacherForcedBatch
 from sparse_lightning.inference.allocation_search import METHODS as SEARCHED
@@ -39,7 +39,9 @@ class AttributionCalibration(Callback):
     :class:`~sparse_lightning.module.SparseActivationModule`. Each batch costs one forward
     (the module's ``validation_step``) and one backward, which yield every layer's and every
     unit kind's activations ``a`` and gradients ``g`` at once; integrated gradients adds
-    ``ig_steps - 1`` forward + backward passes. Works with Lightning's default
+    ``ig_steps - 1`` forward + backward passes. The same forward gives the output projection's
+    input, whose second moment over the answer-predicting tokens is kept too
+    (``statistics.output``: where a sparse lm_head drops channels). Works with Lightning's default
     ``inference_mode=True`` and with ``inference_mode=False``; no weight changes and no
     ``param.grad`` is allocated. The sanity-check loop of ``fit`` is ignored.
 
@@ -110,6 +112,9 @@ class AttributionCalibration(Callback):
         self.dataset = dataset
         self.checkpoint_path: Path | None = None
         self.sums: dict[str, AttributionSums] = {}
+        self.output_sums: SecondMoment | None = None
+        self._output_input: Tensor | None = None
+        self._output_hook: torch.utils.hooks.RemovableHandle | None = None
         self._statistics: Statistics | None = None
         self._capture: ActivationCapture | None = None
         self._batches = 0
@@ -137,6 +142,10 @@ class AttributionCalibration(Callback):
                 "bfloat16) and that the batch's token ids are within the vocabulary."
             )
         mask = batch.predict_mask.flatten()
+        if self.output_sums is not None and self._output_input is not None:
+            x = self._output_input
+            self.output_sums.update(x.reshape(-1, x.shape[-1])[mask])
+        self._output_input = None  # the IG passes below run the lm_head again
         with gradients_enabled():
             # differentiate() frees the graph before the IG passes build theirs.
             units = differentiate(capture, loss_sum)
@@ -163,6 +172,9 @@ class AttributionCalibration(Callback):
             ).to(pl_module.device)
             for kind in self.units
         }
+        head = pl_module.model.get_output_embeddings()
+        linear = isinstance(head, torch.nn.Linear)
+        self.output_sums = SecondMoment(head.in_features).to(pl_module.device) if linear else None
         self._batches = 0
         self._statistics = None
 
@@ -175,6 +187,10 @@ class AttributionCalibration(Callback):
         self._batches = 0
         self._kept = []
         self._capture = pl_module.start_capture(self.units)
+        if self.output_sums is not None:
+            self.output_sums.to(pl_module.device).reset()
+            head = pl_module.model.get_output_embeddings()
+            self._output_hook = head.register_forward_pre_hook(self._keep_output_input)
 
     def on_validation_batch_end(
         self,
@@ -197,10 +213,14 @@ class AttributionCalibration(Callback):
             return
         # compute() is collective under DDP: every rank calls it and gets the global sums.
         units = {kind: sums.compute() for kind, sums in self.sums.items()}
+        output = {} if self.output_sums is None else self.output_sums.compute()
+        if output:  # torchmetrics squeezes the one-element count
+            output["tokens"] = output["tokens"].reshape(1)
         self._statistics = Statistics(
             units,
             ig_steps=self.ig_steps,
             metadata=run_record(pl_module, self.units, self.dataset),
+            output=output,
         )
         if self.allocations and trainer.is_global_zero:
             self._statistics.allocations.update(
@@ -255,10 +275,17 @@ class AttributionCalibration(Callback):
             )
         return self._capture
 
+    def _keep_output_input(self, module: torch.nn.Module, args: tuple) -> None:
+        self._output_input = args[0].detach()
+
     def _detach(self, pl_module: L.LightningModule) -> None:
         if isinstance(pl_module, SparseActivationModule):
             pl_module.stop_capture()
         self._capture = None
+        if self._output_hook is not None:
+            self._output_hook.remove()
+        self._output_hook = None
+        self._output_input = None
 
 
 #: The metadata that must match for a checkpoint to stand for a new calibration run.

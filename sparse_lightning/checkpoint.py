@@ -28,10 +28,11 @@ from sparse_lightning.architectures import Fingerprint
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.version import __version__
 
-FORMAT = "sparse_lightning.statistics/2"
+FORMAT = "sparse_lightning.statistics/3"
 #: Formats this version reads: /1 held MLP neurons and heads only; /2 adds the channel kinds,
-#: the run record (units, weights digest) and allocation tables. The layout is the same.
-READABLE = ("sparse_lightning.statistics/1", FORMAT)
+#: the run record (units, weights digest) and allocation tables; /3 the lm_head input's second
+#: moment (``lm_head.*``, which a /2 reader would take for a unit kind). The layout is the same.
+READABLE = ("sparse_lightning.statistics/1", "sparse_lightning.statistics/2", FORMAT)
 DEFAULT_DIR = Path("checkpoints")
 
 

@@ -41,6 +41,7 @@ from sparse_lightning.data.targets import (
 from sparse_lightning.data.teacher_forcing import TeacherForcedBatch
 from sparse_lightning.inference import Sparsifier, claim, compact, owns, sparsity_report
 from sparse_lightning.inference.allocation_search import search_allocations
+from sparse_lightning.inference.output import output_rotation
 from sparse_lightning.models import load_model
 from sparse_lightning.selection import SparsityConfig, build_selectors
 from sparse_lightning.units import UNIT_KINDS
@@ -149,6 +150,7 @@ class SparseActivationModule(L.LightningModule):
         allocation: str | None = None,
         lm_head: float | None = None,
         lm_head_candidates: int | None = None,
+        lm_head_basis: str | None = None,
         **levels: float,
     ) -> SparsityConfig:
         """Choose (or change) the sparsity applied to the wrapped model; 0 everywhere = dense.
@@ -170,6 +172,9 @@ class SparseActivationModule(L.LightningModule):
                 token, its top ``lm_head_candidates`` logits recomputed exactly (default 64);
                 adds to a budget's bytes.
             lm_head_candidates: logits recomputed exactly per token.
+            lm_head_basis: ``"auto"`` (default: the calibrated eigenbasis of the lm_head's
+                input when the checkpoint holds it, see
+                :mod:`~sparse_lightning.inference.output`), ``"rotated"`` or ``"channels"``.
             **levels: a level per unit kind, e.g. ``mlp=0.7, heads=0.0``.
 
         Example:
@@ -185,9 +190,13 @@ class SparseActivationModule(L.LightningModule):
             allocation=allocation,
             lm_head=lm_head,
             lm_head_candidates=lm_head_candidates,
+            lm_head_basis=lm_head_basis,
             **levels,
         )
         selectors = build_selectors(config, self.architecture, self.statistics)
+        rotation = (
+            output_rotation(self.statistics, config.lm_head_basis) if config.lm_head else None
+        )
         self.disable_sparsity()
         claim(self.model, self)  # takes the model back from another wrapper, if one took it
         self._sparsity = config
@@ -200,6 +209,7 @@ class SparseActivationModule(L.LightningModule):
                 phase=config.phase,
                 lm_head=config.lm_head,
                 lm_head_candidates=config.lm_head_candidates,
+                lm_head_rotation=rotation,
             )
         return config
 
@@ -245,8 +255,9 @@ class SparseActivationModule(L.LightningModule):
         if reset and self.sparsifier is not None:
             self.sparsifier.reset_counts()
         element_size = next(self.model.parameters()).element_size()
-        candidates = self._sparsity.lm_head_candidates if self._sparsity.lm_head else 0
-        return sparsity_report(realized, self.architecture, candidates, element_size)
+        output = self.sparsifier.output if self.sparsifier is not None else None
+        reads = output.reads if output is not None else None
+        return sparsity_report(realized, self.architecture, reads, element_size)
 
     def compact(self) -> PreTrainedModel:
         """A smaller stock model without the units the current static masks drop.

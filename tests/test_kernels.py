@@ -130,11 +130,17 @@ def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
     g = torch.Generator().manual_seed(4)
     w1, w2 = torch.randn(24, 40, generator=g), torch.randn(40, 16, generator=g)
     w3, bias = torch.randn(16, 300, generator=g), torch.randn(40, generator=g)
+    w4 = torch.randn(200, 16, generator=g)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    w4_t = (w4 @ rotation).t().contiguous().to(torch.bfloat16)
 
     def step(x):
         h = torch.ops.sparse_lightning.input_sparse_linear(x, w1, 0.5, bias)
         h = torch.ops.sparse_lightning.input_sparse_linear_topk(torch.relu(h), w2, 7, None)
-        return torch.ops.sparse_lightning.input_sparse_logits(torch.tanh(h), w3, 5, 4, None)
+        h = torch.tanh(h)
+        logits = torch.ops.sparse_lightning.input_sparse_logits(h, w3, 5, 4, None)
+        rotated = torch.ops.sparse_lightning.rotated_logits(h @ rotation, w4_t, 6, 3, h, w4, None)
+        return logits, rotated
 
     x = torch.randn(1, 24, generator=g)
     options = inductor_options()
@@ -145,12 +151,17 @@ def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
     assert "aoti_torch_cpu_input_sparse_linear(" in source, source[-2000:]
     assert "aoti_torch_cpu_input_sparse_linear_topk(" in source
     assert "aoti_torch_cpu_input_sparse_logits(" in source
+    assert "aoti_torch_cpu_rotated_logits(" in source
     assert "aoti_torch_call_dispatcher" not in source
     h = torch.tanh(reference_topk(torch.relu(reference(x, w1, 0.5, bias)), w2, 7, None))
     approx = reference_topk(h, w3, 5, None)
     index = approx.topk(4).indices
     expected = approx.scatter(-1, index, (h @ w3).gather(-1, index))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
+    approx = reference_topk(h @ rotation, w4_t.float(), 6, None)
+    index = approx.topk(3).indices
+    expected = approx.scatter(-1, index, (h @ w4.t()).gather(-1, index))
+    torch.testing.assert_close(got[1], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
@@ -162,6 +173,7 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         from conftest import tiny_model
         from sparse_lightning.inference import Sparsifier
         from sparse_lightning.kernels import compiled, inductor_options, load, load_logits
+        from sparse_lightning.kernels import load_rotated
         from sparse_lightning.kernels import reference
         from sparse_lightning.selection import DynamicSelector
         from sparse_lightning import resolve
@@ -178,6 +190,13 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         index = approx.topk(3).indices
         expected = approx.scatter(-1, index, (x @ w).gather(-1, index))
         torch.testing.assert_close(load_logits()(x, w, 4, 3, None), expected)
+        q = torch.linalg.qr(torch.randn(16, 16))[0]
+        xq = x @ q
+        approx = (xq * (xq.abs() >= xq.abs().topk(4).values[:, -1:])) @ (q.T @ w)
+        index = approx.topk(3).indices
+        expected = approx.scatter(-1, index, (x @ w).gather(-1, index))
+        got = load_rotated()(xq, (q.T @ w).contiguous(), 4, 3, x, w.T.contiguous(), None)
+        torch.testing.assert_close(got, expected)
         assert inductor_options() == {}  # the fallback has no C entry points
         model = tiny_model("llama")
         arch = resolve(model)

@@ -10,6 +10,7 @@ from conftest import ARCH_TYPES, by_hand, decode_logits, static_cache_step, tiny
 from sparse_lightning import SparseActivationModule, SparsityConfig, resolve
 from sparse_lightning.inference import Sparsifier
 from sparse_lightning.inference.accounting import decode_bytes_skipped
+from sparse_lightning.inference.output import OutputReads
 from sparse_lightning.kernels import load_logits, load_topk
 
 PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
@@ -210,8 +211,9 @@ def test_lm_head_bytes_by_hand():
     # half of the lm_head's 3168 weights, less 2 candidates x the 16 dropped rows x 16 floats
     # per cache line (the exact recomputation reads only the dropped rows' candidate weights)
     expected = (0.5 * 99 * 32 - 2 * 16 * 16) / total
-    assert decode_bytes_skipped({"lm_head": 0.5}, arch, 2, 4) == pytest.approx(expected)
-    both = decode_bytes_skipped({"lm_head": 0.5, "mlp": 0.25}, arch, 2, 4)
+    reads = OutputReads(candidates=2)
+    assert decode_bytes_skipped({"lm_head": 0.5}, arch, reads, 4) == pytest.approx(expected)
+    both = decode_bytes_skipped({"lm_head": 0.5, "mlp": 0.25}, arch, reads, 4)
     assert both == pytest.approx(expected + 0.25 * 2 * 37 * 32 / total)
 
 

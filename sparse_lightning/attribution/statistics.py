@@ -24,6 +24,11 @@ integrated_gradients (L, U)    ``-a . mean_k g(alpha_k a)`` (only when IG ran)
 layer_grad_norm      (L,)      ``||g_layer||_2`` (norm over all units of the layer)
 magnitude_histogram  (L, 1800) counts of ``log10 |a|`` (per-unit magnitude; see functional)
 ===================  ========  ===============================================================
+
+Beside the units, :attr:`Statistics.output` holds the output projection's (lm_head's) input
+``x``: ``second_moment`` ``(H, H)``, the sum of ``x x^T`` over the answer-predicting tokens,
+and ``tokens``; its eigenbasis is where a sparse lm_head drops channels
+(:mod:`sparse_lightning.inference.output`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from sparse_lightning.units import UNIT_KINDS
 
 #: Key prefix of the allocation tables in the flat (safetensors) layout.
 ALLOCATION_PREFIX = "allocation"
+#: Key prefix of the output projection's input statistics in the flat layout.
+OUTPUT_PREFIX = "lm_head"
 
 #: Per-unit sums a run accumulates: every metric (``integrated_gradients`` only when IG steps
 #: > 0) and the auxiliary second moments.
@@ -119,12 +126,16 @@ class Statistics:
         allocations: allocation method -> its table (``"budgets"`` ``(G,)`` and ``"levels"``
             ``(G, layers, kinds)``), measured after calibration (see
             :mod:`sparse_lightning.selection.allocation`); stored as ``allocation.<method>.*``.
+        output: the output projection's input statistics (``second_moment``, ``tokens``; see
+            the module docstring), stored as ``lm_head.*``; empty for checkpoints written
+            before they were measured, or for a model without a linear lm_head.
     """
 
     units: dict[str, UnitStatistics]
     ig_steps: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
     allocations: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    output: dict[str, Tensor] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> UnitStatistics:
         # ``statistics.mlp``, ``statistics.heads``: one attribute per row of the unit table.
@@ -158,6 +169,8 @@ class Statistics:
         for method, table in self.allocations.items():
             for name, value in table.items():
                 flat[f"{ALLOCATION_PREFIX}.{method}.{name}"] = value
+        for name, value in self.output.items():
+            flat[f"{OUTPUT_PREFIX}.{name}"] = value
         return flat
 
     @classmethod
@@ -167,8 +180,12 @@ class Statistics:
         """Inverse of :meth:`tensors`."""
         grouped: dict[str, dict[str, Tensor]] = {}
         allocations: dict[str, dict[str, Tensor]] = {}
+        output: dict[str, Tensor] = {}
         for key, value in flat.items():
             kind, _, name = key.partition(".")
+            if kind == OUTPUT_PREFIX:
+                output[name] = value
+                continue
             if kind == ALLOCATION_PREFIX:
                 method, _, part = name.partition(".")
                 allocations.setdefault(method, {})[part] = value
@@ -180,4 +197,4 @@ class Statistics:
             grad_norm = named.pop("layer_grad_norm")
             histogram = named.pop("magnitude_histogram", None)
             units[kind] = UnitStatistics(kind, tokens, named, grad_norm, histogram)
-        return cls(units, ig_steps, dict(metadata or {}), allocations)
+        return cls(units, ig_steps, dict(metadata or {}), allocations, output)

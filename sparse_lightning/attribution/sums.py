@@ -1,4 +1,5 @@
-"""``AttributionSums``: torchmetrics state for the per-unit attribution sums of one unit kind.
+"""``AttributionSums``: torchmetrics state for the per-unit attribution sums of one unit kind,
+and ``SecondMoment``: the sum of ``x x^T`` over tokens (the lm_head input's statistics).
 
 The math lives in :mod:`sparse_lightning.attribution.functional`; this class only adds token
 sums into ``dist_reduce_fx="sum"`` states, so Lightning DDP runs add up across processes and
@@ -112,3 +113,39 @@ class AttributionSums(Metric):
             self.layer_grad_norm.clone(),
             self.magnitude_histogram.clone(),
         )
+
+
+class SecondMoment(Metric):
+    """Accumulates ``sum over tokens of x x^T`` (float64) and the token count.
+
+    Args:
+        features: the width of ``x``.
+
+    Example:
+        >>> import torch
+        >>> moment = SecondMoment(2)
+        >>> moment.update(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+        >>> moment.compute()["second_moment"]
+        tensor([[1., 2.],
+                [2., 5.]], dtype=torch.float64)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        zeros = torch.zeros(features, features, dtype=torch.float64)
+        self.add_state("second_moment", default=zeros, dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.zeros(1, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor) -> None:  # type: ignore[override]
+        """Add ``(tokens, features)`` rows."""
+        x = x.detach().double()
+        self.second_moment += x.T @ x
+        self.tokens += x.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"second_moment": (features, features), "tokens": (1,)}`` (summed over processes)."""
+        return {"second_moment": self.second_moment.clone(), "tokens": self.tokens.clone()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.inference.output import KIND as OUTPUT_KIND
-from sparse_lightning.inference.output import candidate_macs
+from sparse_lightning.inference.output import OutputReads
 from sparse_lightning.units import UNIT_KINDS
 
 
@@ -33,31 +33,32 @@ def linear_macs_per_token(architecture: ResolvedArchitecture) -> dict[str, int]:
 def decode_bytes_skipped(
     realized: dict[str, float],
     architecture: ResolvedArchitecture,
-    lm_head_candidates: int = 0,
+    lm_head: OutputReads | None = None,
     element_size: int = 4,
 ) -> float:
     """The share of the weight bytes streamed per decode token that input-sparse execution
     skips: a dropped channel's weights in every projection that reads it (heads and neurons:
-    their columns of o and down, not the rows of the projections that made them), and the
-    output projection's dropped input rows less what recomputing its ``lm_head_candidates``
-    logits reads (a cache line of ``element_size``-byte weights per candidate weight of a
-    dropped row)."""
+    their columns of o and down, not the rows of the projections that made them), and what
+    the sparse output projection saves (:meth:`OutputReads.skipped_macs`: its dropped input
+    rows less what its approximation and exact candidates read; ``lm_head`` describes them,
+    64 candidates in the input's own channels when it is ``None``)."""
     skipped = sum(
         ratio * architecture.site_macs_all_layers(UNIT_KINDS[kind].site)
         for kind, ratio in realized.items()
         if kind in UNIT_KINDS
     )
     if realized.get(OUTPUT_KIND):
-        skipped += realized[OUTPUT_KIND] * architecture.output_macs
-        dropped = realized[OUTPUT_KIND] * architecture.hidden_size
-        skipped -= candidate_macs(lm_head_candidates, dropped, element_size)
+        reads = lm_head or OutputReads(64)
+        inputs = architecture.hidden_size
+        outputs = architecture.output_macs // max(inputs, 1)
+        skipped += reads.skipped_macs(realized[OUTPUT_KIND], inputs, outputs, element_size)
     return skipped / architecture.linear_macs()
 
 
 def sparsity_report(
     realized: dict[str, float],
     architecture: ResolvedArchitecture,
-    lm_head_candidates: int = 0,
+    lm_head: OutputReads | None = None,
     element_size: int = 4,
 ) -> dict[str, float]:
     """Per-kind zero ratios, the paper's sparsity figure, the share of linear-layer MACs that
@@ -67,7 +68,7 @@ def sparsity_report(
         realized: unit kind (or ``"lm_head"``, the output projection's input) -> fraction of
             unit-tokens zeroed (kinds left out: 0).
         architecture: the resolved model (its output projection counts in the total).
-        lm_head_candidates, element_size: see :func:`decode_bytes_skipped`.
+        lm_head, element_size: see :func:`decode_bytes_skipped`.
     """
     macs = linear_macs_per_token(architecture)
     report: dict[str, float] = {}
@@ -81,7 +82,7 @@ def sparsity_report(
     report["paper_sparsity"] = paper
     report["linear_macs_skippable"] = skipped / macs["total"]
     report["decode_bytes_skipped"] = decode_bytes_skipped(
-        realized, architecture, lm_head_candidates, element_size
+        realized, architecture, lm_head, element_size
     )
     report["decode_byte_bound"] = 1.0 / (1.0 - report["decode_bytes_skipped"])
     return report

@@ -96,6 +96,9 @@ class Sparsifier:
             (each token's largest kept), its ``lm_head_candidates`` largest logits recomputed
             exactly (see :mod:`~sparse_lightning.inference.output`); 0 keeps it dense.
         lm_head_candidates: logits recomputed exactly per token.
+        lm_head_rotation: the basis the lm_head drops channels in
+            (:func:`~sparse_lightning.inference.output.output_rotation`); ``None``: its
+            input's own channels.
 
     Attributes:
         enabled: ``False`` runs the model dense (see :meth:`paused`).
@@ -112,6 +115,7 @@ class Sparsifier:
         phase: str = "decode",
         lm_head: float = 0.0,
         lm_head_candidates: int = 64,
+        lm_head_rotation: Tensor | None = None,
     ) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}.")
@@ -141,7 +145,9 @@ class Sparsifier:
             for layer in range(architecture.depth(kind))
         ]
         self.output = (
-            OutputExecutor(self, model.get_output_embeddings(), lm_head, lm_head_candidates)
+            OutputExecutor(
+                self, model.get_output_embeddings(), lm_head, lm_head_candidates, lm_head_rotation
+            )
             if lm_head > 0
             else None
         )

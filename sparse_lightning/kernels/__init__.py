@@ -5,9 +5,11 @@ from sparse_lightning.kernels.ops import (
     inductor_options,
     load,
     load_logits,
+    load_rotated,
     load_topk,
     reference,
     reference_logits,
+    reference_rotated_logits,
     reference_topk,
 )
 
@@ -16,8 +18,10 @@ __all__ = [
     "inductor_options",
     "load",
     "load_logits",
+    "load_rotated",
     "load_topk",
     "reference",
     "reference_logits",
+    "reference_rotated_logits",
     "reference_topk",
 ]

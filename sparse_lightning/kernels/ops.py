@@ -8,7 +8,10 @@ channels of largest magnitude (those at or above the ``keep``-th largest ``|x_i|
 per-token count that the output projection's input uses (no calibrated threshold).
 ``input_sparse_logits(x, weight_t, keep, candidates, bias)`` is the output projection of a
 decode step in one call: the top-k op's approximate logits with their ``candidates`` largest
-recomputed exactly (:func:`reference_logits`).
+recomputed exactly (:func:`reference_logits`). ``rotated_logits(x_rot, approx_t, keep,
+candidates, x, weight, bias)`` does the same from an input and a weight in another basis
+(``approx_t`` may be bfloat16), the candidates' exact logits from ``weight``'s own rows
+(:func:`reference_rotated_logits`).
 The C++ source (``csrc/input_sparse_linear.cpp``) is compiled with
 ``torch.utils.cpp_extension`` the first time :func:`load` runs (AVX2/FMA when this CPU has
 them, OpenMP threads through ``at::parallel_for``) and cached by torch's extension cache. A
@@ -42,6 +45,11 @@ TOPK_NAME = "sparse_lightning::input_sparse_linear_topk"
 TOPK_SCHEMA = "(Tensor x, Tensor weight_t, int keep, Tensor? bias) -> Tensor"
 LOGITS_NAME = "sparse_lightning::input_sparse_logits"
 LOGITS_SCHEMA = "(Tensor x, Tensor weight_t, int keep, int candidates, Tensor? bias) -> Tensor"
+ROTATED_NAME = "sparse_lightning::rotated_logits"
+ROTATED_SCHEMA = (
+    "(Tensor x_rot, Tensor approx_t, int keep, int candidates, Tensor x, Tensor weight, "
+    "Tensor? bias) -> Tensor"
+)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "input_sparse_linear.cpp"
 #: The extension's sources (``sparse_rows.h`` holds what both share).
@@ -57,6 +65,9 @@ C_SHIMS = {
     "input_sparse_logits": "AOTITorchError aoti_torch_cpu_input_sparse_logits(AtenTensorHandle x, "
     "AtenTensorHandle weight_t, int64_t keep, int64_t candidates, AtenTensorHandle* bias, "
     "AtenTensorHandle* ret0)",
+    "rotated_logits": "AOTITorchError aoti_torch_cpu_rotated_logits(AtenTensorHandle x_rot, "
+    "AtenTensorHandle approx_t, int64_t keep, int64_t candidates, AtenTensorHandle x, "
+    "AtenTensorHandle weight, AtenTensorHandle* bias, AtenTensorHandle* ret0)",
 }
 
 _state: dict[str, object] = {}
@@ -101,6 +112,26 @@ def reference_logits(
     return approx.scatter(-1, index, exact.gather(-1, index))
 
 
+def reference_rotated_logits(
+    x_rot: Tensor,
+    approx_t: Tensor,
+    keep: int,
+    candidates: int,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
+    """The rotated op's math in plain PyTorch: approximate logits from ``x_rot``'s ``keep``
+    largest channels and ``approx_t`` (upcast to ``x_rot``'s dtype), with the ``candidates``
+    largest of each token replaced by the exact ``x @ weight.T + bias``."""
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}.")
+    approx = reference_topk(x_rot, approx_t.to(x_rot.dtype), keep, bias)
+    index = approx.topk(min(candidates, approx_t.shape[1]), dim=-1).indices
+    exact = torch.nn.functional.linear(x, weight, bias)
+    return approx.scatter(-1, index, exact.gather(-1, index))
+
+
 def load() -> Callable[..., Tensor]:
     """The op, building (first call) or loading (later calls) the compiled kernel.
 
@@ -116,12 +147,16 @@ def load() -> Callable[..., Tensor]:
             torch.library.impl(TOPK_NAME, "CompositeExplicitAutograd")(reference_topk)
             torch.library.define(LOGITS_NAME, LOGITS_SCHEMA)
             torch.library.impl(LOGITS_NAME, "CompositeExplicitAutograd")(reference_logits)
+            torch.library.define(ROTATED_NAME, ROTATED_SCHEMA)
+            torch.library.impl(ROTATED_NAME, "CompositeExplicitAutograd")(reference_rotated_logits)
         torch.library.register_fake(NAME)(_fake)
         torch.library.register_fake(TOPK_NAME)(_fake)
         torch.library.register_fake(LOGITS_NAME)(_fake_logits)
+        torch.library.register_fake(ROTATED_NAME)(_fake_rotated)
         _state["op"] = torch.ops.sparse_lightning.input_sparse_linear
         _state["topk"] = torch.ops.sparse_lightning.input_sparse_linear_topk
         _state["logits"] = torch.ops.sparse_lightning.input_sparse_logits
+        _state["rotated"] = torch.ops.sparse_lightning.rotated_logits
     return _state["op"]  # type: ignore[return-value]
 
 
@@ -135,6 +170,12 @@ def load_logits() -> Callable[..., Tensor]:
     """``torch.ops.sparse_lightning.input_sparse_logits`` (built as :func:`load` does)."""
     load()
     return _state["logits"]  # type: ignore[return-value]
+
+
+def load_rotated() -> Callable[..., Tensor]:
+    """``torch.ops.sparse_lightning.rotated_logits`` (built as :func:`load` does)."""
+    load()
+    return _state["rotated"]  # type: ignore[return-value]
 
 
 def compiled() -> bool:
@@ -169,6 +210,10 @@ def _fake_logits(
     x: Tensor, weight_t: Tensor, keep: int, candidates: int, bias: Tensor | None
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+def _fake_rotated(x_rot: Tensor, approx_t: Tensor, *rest: object) -> Tensor:
+    return x_rot.new_empty((*x_rot.shape[:-1], approx_t.shape[1]))
 
 
 def cpu_flags() -> list[str]:

@@ -62,7 +62,18 @@ def check_level(name: str, value: object) -> float:
 
 
 #: The constructor's options besides the levels.
-OPTIONS = ("mode", "metric", "phase", "budget", "allocation", "lm_head", "lm_head_candidates")
+OPTIONS = (
+    "mode",
+    "metric",
+    "phase",
+    "budget",
+    "allocation",
+    "lm_head",
+    "lm_head_candidates",
+    "lm_head_basis",
+)
+#: ``lm_head_basis`` values (see :mod:`sparse_lightning.inference.output`).
+LM_HEAD_BASES = ("auto", "rotated", "channels")
 
 
 class SparsityConfig:
@@ -89,6 +100,10 @@ class SparsityConfig:
             keeps the dense token whenever it ranks among them (see
             :mod:`~sparse_lightning.inference.output`). It adds to a ``budget``'s bytes.
         lm_head_candidates: logits recomputed exactly per token (default 64).
+        lm_head_basis: where the lm_head drops channels: ``"rotated"``, the calibrated
+            eigenbasis of its input (a small rotation per token and a bfloat16 copy of the
+            lm_head, half its size; needs a checkpoint of format /3); ``"channels"``, the
+            input's own channels; ``"auto"`` (default) rotated when the statistics allow it.
         **per_kind: levels as keywords (``mlp=0.5, heads=0.25``), merged into ``levels``.
 
     Raises:
@@ -101,6 +116,7 @@ class SparsityConfig:
         "budget",
         "levels",
         "lm_head",
+        "lm_head_basis",
         "lm_head_candidates",
         "metric",
         "mode",
@@ -118,6 +134,7 @@ class SparsityConfig:
         allocation: str = "auto",
         lm_head: float = 0.0,
         lm_head_candidates: int = 64,
+        lm_head_basis: str = "auto",
         **per_kind: float,
     ) -> None:
         given = {**dict(levels or {}), **per_kind}
@@ -165,6 +182,12 @@ class SparsityConfig:
                 f"token), got {lm_head_candidates!r}; 64 is the default."
             )
         object.__setattr__(self, "lm_head_candidates", int(lm_head_candidates))
+        if lm_head_basis not in LM_HEAD_BASES:
+            raise ValueError(
+                f"lm_head_basis must be one of {LM_HEAD_BASES}, got {lm_head_basis!r}; 'auto' "
+                "rotates when the checkpoint allows it."
+            )
+        object.__setattr__(self, "lm_head_basis", lm_head_basis)
 
     @classmethod
     def uniform(cls, sparsity: float, **options: Any) -> SparsityConfig:
@@ -216,6 +239,7 @@ class SparsityConfig:
             options += f", budget={self.budget}, allocation={self.allocation!r}"
         if self.lm_head:
             options += f", lm_head={self.lm_head}, lm_head_candidates={self.lm_head_candidates}"
+            options += f", lm_head_basis={self.lm_head_basis!r}"
         return f"SparsityConfig({levels}{', ' if levels else ''}{options})"
 
     def __reduce__(self) -> tuple:
@@ -240,6 +264,7 @@ class SparsityConfig:
             "allocation": self.allocation,
             "lm_head": self.lm_head,
             "lm_head_candidates": self.lm_head_candidates,
+            "lm_head_basis": self.lm_head_basis,
         }
 
 

@@ -19,21 +19,31 @@
 namespace sparse_rows {
 
 // acc[0:n] += sum over j < R of v[j] * rows[j][0:n]: R rows streamed at once, so R memory
-// streams are in flight and acc is loaded and stored once per R rows.
-template <int R, typename T>
-inline void axpy(T* acc, const T* const* rows, const T* v, int64_t n) {
+// streams are in flight and acc is loaded and stored once per R rows. The rows may be stored
+// in a narrower type W than the sums (bfloat16 rows of an approximation, summed in float).
+template <int R, typename T, typename W>
+inline void axpy(T* acc, const W* const* rows, const T* v, int64_t n) {
   int64_t c = 0;
   for (; c < n; ++c) {
     T s = acc[c];
     for (int j = 0; j < R; ++j) {
-      s += v[j] * rows[j][c];
+      s += v[j] * static_cast<T>(rows[j][c]);
     }
     acc[c] = s;
   }
 }
 
-template <int R>
-inline void axpy(float* acc, const float* const* rows, const float* v, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+// Eight weights as floats: loaded, or widened from bfloat16 (its bits are a float's top half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#endif
+
+template <int R, typename W>
+inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 a[R];
@@ -44,8 +54,8 @@ inline void axpy(float* acc, const float* const* rows, const float* v, int64_t n
     __m256 s = _mm256_loadu_ps(acc + c);
     __m256 t = _mm256_loadu_ps(acc + c + 8);
     for (int j = 0; j < R; ++j) {
-      s = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c), s);
-      t = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(rows[j] + c + 8), t);
+      s = _mm256_fmadd_ps(a[j], load8(rows[j] + c), s);
+      t = _mm256_fmadd_ps(a[j], load8(rows[j] + c + 8), t);
     }
     _mm256_storeu_ps(acc + c, s);
     _mm256_storeu_ps(acc + c + 8, t);
@@ -54,18 +64,18 @@ inline void axpy(float* acc, const float* const* rows, const float* v, int64_t n
   for (; c < n; ++c) {
     float s = acc[c];
     for (int j = 0; j < R; ++j) {
-      s += v[j] * rows[j][c];
+      s += v[j] * static_cast<float>(rows[j][c]);
     }
     acc[c] = s;
   }
 }
 
 // acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n].
-template <typename T>
-inline void accumulate(T* acc, const T* w, int64_t ld, const int64_t* index, const T* value,
+template <typename T, typename W>
+inline void accumulate(T* acc, const W* w, int64_t ld, const int64_t* index, const T* value,
                        int64_t first, int64_t last, int64_t n) {
   constexpr int R = 8;
-  const T* rows[R];
+  const W* rows[R];
   int64_t k = first;
   for (; k + R <= last; k += R) {
     for (int j = 0; j < R; ++j) {
@@ -77,6 +87,38 @@ inline void accumulate(T* acc, const T* w, int64_t ld, const int64_t* index, con
     rows[0] = w + index[k] * ld;
     axpy<1>(acc, rows, value + k, n);
   }
+}
+
+// sum over i < n of a[i] * b[i] (a contiguous row of a weight and a token's input).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = T(0);
+  for (int64_t i = 0; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+template <>
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 u = _mm256_setzero_ps(), w = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    u = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), u);
+    w = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), w);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(u, w));
+  for (float lane : lanes) {
+    s += lane;
+  }
+#endif
+  for (; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
 }
 
 // The kept channels of one token: index[0:count] and their values, in channel order.
