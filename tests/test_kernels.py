@@ -219,6 +219,60 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_narrower_builds_equal_the_hand_computation(isa, tmp_path):
+    """The kernel built for AVX2 (eight rows at a time) or without SIMD flags, beside this
+    CPU's own build: the row and column splits, the top-k and both logits ops equal the
+    float64 hand computation (the AVX-512 path, where this CPU has it, is the one the other
+    tests run)."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from conftest import by_hand
+        from sparse_lightning.kernels import compiled, load, load_logits, load_rotated
+        from sparse_lightning.kernels import load_topk
+        from sparse_lightning.kernels.ops import cpu_flags
+        assert compiled()
+        print(cpu_flags())
+        g = torch.Generator().manual_seed(0)
+        for inputs, outputs in ((37, 29), (96, 5000), (200, 80)):
+            w = torch.randn(inputs, outputs, generator=g)
+            x = torch.randn(2, inputs, generator=g)
+            bias = torch.randn(outputs, generator=g)
+            got = load()(x, w, 0.7, bias).double()
+            torch.testing.assert_close(got, by_hand(x, w, 0.7, bias), rtol=1e-5, atol=1e-5)
+            keep = inputs // 3
+            t = x.abs().topk(keep, -1).values[:, -1:]
+            expected = (x * (x.abs() >= t)) @ w
+            torch.testing.assert_close(load_topk()(x, w, keep, None), expected)
+            index = expected.topk(4).indices
+            logits = expected.scatter(-1, index, (x @ w).gather(-1, index))
+            torch.testing.assert_close(load_logits()(x, w, keep, 4, None), logits)
+            q = torch.linalg.qr(torch.randn(inputs, inputs, generator=g))[0]
+            approx_t = (q.T @ w).contiguous().to(torch.bfloat16)
+            xq = x @ q
+            t = xq.abs().topk(keep, -1).values[:, -1:]
+            approx = (xq * (xq.abs() >= t)) @ approx_t.float()
+            index = approx.topk(4).indices
+            rotated = approx.scatter(-1, index, (x @ w).gather(-1, index))
+            got = load_rotated()(xq, approx_t, keep, 4, x, w.T.contiguous(), None)
+            torch.testing.assert_close(got, rotated, rtol=1e-5, atol=1e-5)
+        print("ok")
+        """
+    )
+    env = {
+        **os.environ,
+        "SPARSE_LIGHTNING_KERNEL_ISA": isa,
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+        "PYTHONPATH": os.path.dirname(__file__),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    assert ("-mavx512f" in result.stdout) is False
+
+
 # ------------------------------------------------------------- executors on every family
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

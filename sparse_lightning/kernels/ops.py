@@ -216,14 +216,31 @@ def _fake_rotated(x_rot: Tensor, approx_t: Tensor, *rest: object) -> Tensor:
     return x_rot.new_empty((*x_rot.shape[:-1], approx_t.shape[1]))
 
 
+#: ``SPARSE_LIGHTNING_KERNEL_ISA`` values: the widest this CPU has, at most AVX2, or none of
+#: these (a build for an older CPU of the same family, or to exercise the narrower paths).
+ISAS = ("native", "avx2", "generic")
+
+
 def cpu_flags() -> list[str]:
-    """Compiler flags for this CPU: AVX2 and FMA where ``/proc/cpuinfo`` lists both."""
+    """Compiler flags for this CPU: AVX2 and FMA where ``/proc/cpuinfo`` lists both, and
+    AVX-512F beside them where it lists that too; ``SPARSE_LIGHTNING_KERNEL_ISA`` (one of
+    :data:`ISAS`) caps them."""
+    isa = os.environ.get("SPARSE_LIGHTNING_KERNEL_ISA", "native")
+    if isa not in ISAS:
+        raise ValueError(f"SPARSE_LIGHTNING_KERNEL_ISA must be one of {ISAS}, got {isa!r}.")
     try:
         with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
+            flags = set(next((line for line in handle if line.startswith("flags")), "").split())
     except OSError:
-        flags = []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+        flags = set()
+    if isa == "generic" or not {"avx2", "fma"} <= flags:
+        return []
+    return ["-mavx2", "-mfma", *(["-mavx512f"] if "avx512f" in flags and isa == "native" else [])]
+
+
+def isa_suffix(flags: list[str]) -> str:
+    """The extension's name suffix for its instruction set (a build per ISA in the cache)."""
+    return "_avx512" if "-mavx512f" in flags else "_avx2" if flags else ""
 
 
 def build_flags() -> dict[str, list[str]]:
@@ -241,7 +258,7 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load as load_extension
 
         library = load_extension(
-            name="sparse_lightning_kernels" + ("_avx2" if cpu_flags() else ""),
+            name="sparse_lightning_kernels" + isa_suffix(cpu_flags()),
             sources=[str(source) for source in SOURCES],
             **build_flags(),
             is_python_module=False,

@@ -6,8 +6,8 @@
 // the weights of a dropped channel (one row) are never read. The threshold is applied here
 // (no index tensor is built by the caller). Threads (at::parallel_for) split the output
 // columns of a wide projection, each streaming the kept rows' segment of its columns, or the
-// kept rows of a narrow one, each into its own partial sum; eight rows at a time, with
-// AVX2/FMA where compiled for it.
+// kept rows of a narrow one, each into its own partial sum; sixteen rows at a time with
+// AVX-512 where compiled for it, else eight with AVX2/FMA.
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
@@ -52,9 +52,10 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
       });
       continue;
     }
-    // Thread p sums the p-th run of kept rows (a multiple of 8) into its own partial row,
-    // zeroed by the thread itself, so every partial row is written even when p's run is empty.
-    const int64_t run_length = ((kept + threads - 1) / threads + 7) & ~int64_t(7);
+    // Thread p sums the p-th run of kept rows (whole groups of kRows) into its own partial
+    // row, zeroed by the thread itself, so every partial row is written even when p's run is
+    // empty.
+    const int64_t run_length = ((kept + threads - 1) / threads + kRows - 1) / kRows * kRows;
     T* partial = s.partial.data();
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {

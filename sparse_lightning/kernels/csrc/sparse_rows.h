@@ -33,7 +33,15 @@ inline void axpy(T* acc, const W* const* rows, const T* v, int64_t n) {
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+// Sixteen weights as floats: loaded, or widened from bfloat16 (its bits are a float's top
+// half).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 // Eight weights as floats: loaded, or widened from bfloat16 (its bits are a float's top half).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
@@ -45,7 +53,20 @@ inline __m256 load8(const c10::BFloat16* p) {
 template <int R, typename W>
 inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   int64_t c = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  // One cache line of each row per load; 32 registers hold sixteen rows' values.
+  __m512 a[R];
+  for (int j = 0; j < R; ++j) {
+    a[j] = _mm512_set1_ps(v[j]);
+  }
+  for (; c + 16 <= n; c += 16) {
+    __m512 s = _mm512_loadu_ps(acc + c);
+    for (int j = 0; j < R; ++j) {
+      s = _mm512_fmadd_ps(a[j], load16(rows[j] + c), s);
+    }
+    _mm512_storeu_ps(acc + c, s);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
   __m256 a[R];
   for (int j = 0; j < R; ++j) {
     a[j] = _mm256_set1_ps(v[j]);
@@ -70,18 +91,33 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   }
 }
 
+// Kept rows streamed at once: with AVX-512, sixteen (measured on Zen 4, 2026-12-06: 1.08-1.25x
+// faster than eight on the narrow shapes of both models, at 0% and 50% skipped; 24 or 32 were
+// 1.5-2x slower); with AVX2's sixteen registers, eight (more spill).
+#if defined(__AVX512F__)
+constexpr int kRows = 16;
+#else
+constexpr int kRows = 8;
+#endif
+
 // acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n].
 template <typename T, typename W>
 inline void accumulate(T* acc, const W* w, int64_t ld, const int64_t* index, const T* value,
                        int64_t first, int64_t last, int64_t n) {
-  constexpr int R = 8;
-  const W* rows[R];
+  const W* rows[kRows];
   int64_t k = first;
-  for (; k + R <= last; k += R) {
-    for (int j = 0; j < R; ++j) {
+  for (; k + kRows <= last; k += kRows) {
+    for (int j = 0; j < kRows; ++j) {
       rows[j] = w + index[k + j] * ld;
     }
-    axpy<R>(acc, rows, value + k, n);
+    axpy<kRows>(acc, rows, value + k, n);
+  }
+  if (kRows > 8 && k + 8 <= last) {
+    for (int j = 0; j < 8; ++j) {
+      rows[j] = w + index[k + j] * ld;
+    }
+    axpy<8>(acc, rows, value + k, n);
+    k += 8;
   }
   for (; k < last; ++k) {
     rows[0] = w + index[k] * ld;
