@@ -99,8 +99,18 @@ def kernel_at(revision: str):
     source = source.replace(
         "TORCH_LIBRARY_IMPL(sparse_lightning,", f"TORCH_LIBRARY_IMPL({namespace},"
     )
-    path = Path(tempfile.mkdtemp()) / f"kernel_{revision}.cpp"
+    folder = Path(tempfile.mkdtemp())
+    path = folder / f"kernel_{revision}.cpp"
     path.write_text(source)
+    header = SOURCE.parent / "sparse_rows.h"  # revisions since 916fe6d include it
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:{header.relative_to(ROOT)}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if shown.returncode == 0:
+        (folder / header.name).write_text(shown.stdout)
     load_extension(
         name=f"kernel_{revision}", sources=[str(path)], **build_flags(), is_python_module=False
     )

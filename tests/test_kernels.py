@@ -219,6 +219,14 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+def test_an_unknown_instruction_set_is_refused(monkeypatch):
+    from sparse_lightning.kernels.ops import cpu_flags
+
+    monkeypatch.setenv("SPARSE_LIGHTNING_KERNEL_ISA", "avx10")
+    with pytest.raises(ValueError, match=r"must be one of .*'avx2'"):
+        cpu_flags()
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_narrower_builds_equal_the_hand_computation(isa, tmp_path):
     """The kernel built for AVX2 (eight rows at a time) or without SIMD flags, beside this

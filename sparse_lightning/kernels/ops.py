@@ -243,24 +243,27 @@ def isa_suffix(flags: list[str]) -> str:
     return "_avx512" if "-mavx512f" in flags else "_avx2" if flags else ""
 
 
-def build_flags() -> dict[str, list[str]]:
-    """``extra_cflags`` and ``extra_ldflags`` of the kernel's build on this CPU (benchmarks that
-    build another revision of the kernel beside it use the same)."""
+def build_flags(flags: list[str] | None = None) -> dict[str, list[str]]:
+    """``extra_cflags`` and ``extra_ldflags`` of the kernel's build on this CPU (``flags``:
+    :func:`cpu_flags`'s, by default; benchmarks that build another revision of the kernel
+    beside it use the same)."""
     # -fopenmp gives at::parallel_for its threads; it links libgomp.so.1, the runtime torch
     # already loaded, so there is still one thread pool.
-    return {"extra_cflags": ["-O3", "-fopenmp", *cpu_flags()], "extra_ldflags": ["-fopenmp"]}
+    flags = cpu_flags() if flags is None else flags
+    return {"extra_cflags": ["-O3", "-fopenmp", *flags], "extra_ldflags": ["-fopenmp"]}
 
 
 def _build() -> bool:
     if os.environ.get("SPARSE_LIGHTNING_KERNELS", "1") == "0":
         return False
+    flags = cpu_flags()  # a bad SPARSE_LIGHTNING_KERNEL_ISA is an error, not a fallback
     try:
         from torch.utils.cpp_extension import load as load_extension
 
         library = load_extension(
-            name="sparse_lightning_kernels" + isa_suffix(cpu_flags()),
+            name="sparse_lightning_kernels" + isa_suffix(flags),
             sources=[str(source) for source in SOURCES],
-            **build_flags(),
+            **build_flags(flags),
             is_python_module=False,
             verbose=False,
         )
