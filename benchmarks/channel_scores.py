@@ -4,15 +4,18 @@ TEAL keeps an input channel ``j`` of a linear layer when ``|x_j|`` is large; WIN
 2025) when ``|x_j| * ||W[:, j]||`` is, the channel's contribution to the output bound; SCAP-style
 centring (Chua et al. 2024) when ``|x_j - mu_j|`` is, ``mu_j`` the channel's mean over the answer
 tokens of calibration questions (400-463), and a dropped channel then contributes ``mu_j``
-instead of 0 (``W mu`` folds into a bias, so the kernel would still skip its row). All three are
-run here at *equal bytes*: each token keeps exactly the same number of channels at every site
+instead of 0 (``W mu`` folds into a bias, so the kernel would still skip its row); rotated keeps
+the largest coordinates of ``x`` in the eigenbasis ``Q`` of its calibrated second moment (the
+same questions) and computes with ``Q Q_kept^T x``, as the lm_head's rotated basis does (a
+decoder site would pay for reading ``Q`` on top of its weight). All are run here at *equal
+bytes*: each token keeps exactly the same number of channels at every site
 (per-token top-k, one level for every channel kind and layer, so neither score gets a byte more
 than the other), with the prompt dense and the answer's tokens sparse as decoding runs them,
 on the dense model's own greedy answers to TruthfulQA questions (from 0, not used for
 calibration). A second table sparsifies only the input of the output projection (lm_head),
 the one linear layer the channel kinds leave dense.
 
-    python benchmarks/channel_scores.py [--model smollm2|qwen] [--questions 24]
+    python benchmarks/channel_scores.py [--model smollm2|qwen] [--questions 24] [--scores ...]
 
 Prints the tables and writes benchmarks/results/channel_scores[_qwen].json (with machine info).
 """
@@ -42,8 +45,9 @@ from sparse_lightning.selection.allocation import CHANNEL_KINDS  # noqa: E402
 from sparse_lightning.selection.selectors import kept_count, top_k_mask  # noqa: E402
 from sparse_lightning.units import UNIT_KINDS  # noqa: E402
 
-SCORES = ("magnitude", "wina", "centred")
-#: Calibration questions whose answer tokens give the centred score its channel means.
+SCORES = ("magnitude", "wina", "centred", "rotated")
+#: Calibration questions whose answer tokens give the centred score its channel means and the
+#: rotated score its second moments.
 CALIBRATION = range(400, 464)
 
 
@@ -59,7 +63,9 @@ class TopK:
         # One column norm over every projection reading the input: the fused row the kernel
         # reads for channel j holds all of them.
         norms = torch.cat([p.weight for p in projections]).norm(dim=0).detach()
-        sums = {"sum": torch.zeros(norms.shape[0]), "count": 0}
+        width = norms.shape[0]
+        sums = {"sum": torch.zeros(width), "moment": torch.zeros(width, width, dtype=torch.float64)}
+        sums["count"] = 0
         for projection in projections:
             hook = self._hook(norms, sums, first=projection is projections[0])
             self.handles.append(projection.register_forward_pre_hook(hook))
@@ -71,10 +77,19 @@ class TopK:
                 if first:  # each input once, though several projections read it
                     answer = x[self.positions]
                     sums["sum"] += answer.sum(0)
+                    sums["moment"] += answer.double().T @ answer.double()
                     sums["count"] += answer.shape[0]
                 return None
             if self.level <= 0:
                 return None
+            if self.score == "rotated":
+                if "basis" not in sums:  # eigh is the same for every level: once per site
+                    sums["basis"] = torch.linalg.eigh(sums["moment"])[1].float()
+                basis = sums["basis"]
+                y = x @ basis
+                keep = top_k_mask(y.abs(), kept_count(x.shape[-1], self.level))
+                kept = torch.where(keep, y, torch.zeros_like(y)) @ basis.T
+                return (torch.where(self.positions.unsqueeze(-1), kept, x), *args[1:])
             if self.score == "centred":
                 mean = sums["sum"] / max(sums["count"], 1)
                 score, dropped = (x - mean).abs(), mean.expand_as(x)
@@ -118,6 +133,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=24, help="TruthfulQA rows from 0")
     parser.add_argument("--levels", nargs="+", type=float, default=[0.25, 0.35])
     parser.add_argument("--lm-head-levels", nargs="+", type=float, default=[0.2, 0.4])
+    parser.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     suffix = "" if args.model == "smollm2" else f"_{args.model}"
@@ -152,7 +168,7 @@ def main() -> None:
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         masker.collecting = False
         for level in levels:
-            for score in SCORES:
+            for score in args.scores:
                 masker.level, masker.score = level, score
                 top1, kl = agreement(model, batches, dense, masker)
                 rows.append(

@@ -77,12 +77,18 @@ def main() -> None:
         "--allocation", default="uniform", help="skip/split: how the budget spreads"
     )
     parser.add_argument("--lm-head", type=float, default=0.0, help="skip/split: lm_head level")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks/results/decode_split.json",
+        help="split: where the JSON goes",
+    )
     args = parser.parse_args()
     if args.what == "skip":
         profile_skip(args.model, args.budget, args.allocation, args.lm_head)
         return
     if args.what == "split":
-        split_step(args.model, args.budget, args.allocation, args.lm_head)
+        split_step(args.model, args.budget, args.allocation, args.lm_head, args.out)
         return
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
@@ -151,15 +157,15 @@ def profile_skip(key: str, budget: float, allocation: str, lm_head: float) -> No
 NEAR_EMPTY = dict.fromkeys(("attn_input", "mlp_input", "head_features", "mlp"), 0.995)
 
 
-def split_step(key: str, budget: float, allocation: str, lm_head: float) -> None:
+def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Path) -> None:
     """A decode step taken apart without a profiler: four tuned decodes, each pair's steps
     interleaved in one process (:func:`interleaved_decode`), differences of ms per step.
 
     ``D`` is dense, ``S`` the setting, ``Z`` the same lm_head with the channel kinds at
     :data:`NEAR_EMPTY`, ``Z0`` that with a dense lm_head. ``S - Z`` is what the channel
     kinds' kept rows cost, ``D - Z0`` what the dense decoder projections cost beyond the
-    kernel's calls, ``Z0 - Z`` what the lm_head setting saves. JSON in
-    ``benchmarks/results/decode_split.json``.
+    kernel's calls, ``Z0 - Z`` what the lm_head setting saves (in the basis the checkpoint
+    allows: rotated when it holds the lm_head input's second moment). JSON in ``out``.
     """
     import copy
 
@@ -195,11 +201,18 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float) -> None
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine_info(),
         "model": key,
-        "settings": {"S": {"budget": budget, "allocation": allocation, "lm_head": lm_head}},
+        "settings": {
+            "S": {
+                "budget": budget,
+                "allocation": allocation,
+                "lm_head": lm_head,
+                "lm_head_rotated": bool(lm_head) and modules[0].sparsifier.output.reads.rotated,
+            }
+        },
         "near_empty": NEAR_EMPTY,
         "rows": rows,
     }
-    save_report(report, ROOT / "benchmarks/results/decode_split.json")
+    save_report(report, out)
 
 
 def profile_generate(module, compact, tokenizer, level: float) -> None:

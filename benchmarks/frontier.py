@@ -17,13 +17,16 @@ For SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (float32, CPU):
    the prompt included, is kept beside it;
 
 at each budget (share of the decode bytes to skip) for each allocation (uniform, greedy,
-attribution). Prints a table, writes benchmarks/results/frontier.json and the plot
+attribution), and with ``--lm-head L`` a second set of points that also drops the share ``L``
+of the lm_head's input per token (``--lm-head-basis rotated``, the default: in the calibrated
+eigenbasis of that input; ``channels``: its plain channels), the 64 largest approximate logits
+recomputed exactly. Prints a table, writes benchmarks/results/frontier.json and the plot
 docs/frontier.png (top-1 agreement against decode speedup, one line per allocation and
 runtime).
 
     python benchmarks/frontier.py [--models smollm2 qwen] [--budgets 0.1 0.2 0.3 0.4 0.5]
         [--allocations uniform greedy attribution] [--runtimes eager tuned] [--repeats 5]
-        [--resume [--remeasure]]
+        [--lm-head 0.8 [--lm-head-basis rotated|channels]] [--resume [--remeasure]]
 
 The fidelity points are saved before the speed stage starts and each speed as it is measured;
 ``--resume`` reuses them (same checkpoint and rows) and measures only what is missing (a
