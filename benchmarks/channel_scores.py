@@ -64,8 +64,11 @@ class TopK:
         # reads for channel j holds all of them.
         norms = torch.cat([p.weight for p in projections]).norm(dim=0).detach()
         width = norms.shape[0]
-        sums = {"sum": torch.zeros(width), "moment": torch.zeros(width, width, dtype=torch.float64)}
-        sums["count"] = 0
+        sums = {
+            "sum": torch.zeros(width),
+            "moment": torch.zeros(width, width, dtype=torch.float64),
+            "count": 0,
+        }
         for projection in projections:
             hook = self._hook(norms, sums, first=projection is projections[0])
             self.handles.append(projection.register_forward_pre_hook(hook))

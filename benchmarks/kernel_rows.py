@@ -82,18 +82,23 @@ def input_keeping(keep: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (magnitude * sign).unsqueeze(0)
 
 
+def file_at(revision: str, path: Path) -> str | None:
+    """``path``'s text at ``revision`` (``None``: not in that revision)."""
+    shown = subprocess.run(
+        ["git", "show", f"{revision}:{path.relative_to(ROOT)}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    return shown.stdout if shown.returncode == 0 else None
+
+
 def kernel_at(revision: str):
     """The kernel's source at ``revision``, built under its own op namespace."""
     from torch.utils.cpp_extension import load as load_extension
 
-    relative = SOURCE.relative_to(ROOT)
-    source = subprocess.run(
-        ["git", "show", f"{revision}:{relative}"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    source = file_at(revision, SOURCE)
+    assert source is not None, f"{SOURCE.name} is not in revision {revision}"
     namespace = f"sparse_lightning_{revision}"
     source = source.replace("TORCH_LIBRARY(sparse_lightning,", f"TORCH_LIBRARY({namespace},")
     source = source.replace(
@@ -103,14 +108,9 @@ def kernel_at(revision: str):
     path = folder / f"kernel_{revision}.cpp"
     path.write_text(source)
     header = SOURCE.parent / "sparse_rows.h"  # revisions since 916fe6d include it
-    shown = subprocess.run(
-        ["git", "show", f"{revision}:{header.relative_to(ROOT)}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if shown.returncode == 0:
-        (folder / header.name).write_text(shown.stdout)
+    shared = file_at(revision, header)
+    if shared is not None:
+        (folder / header.name).write_text(shared)
     load_extension(
         name=f"kernel_{revision}", sources=[str(path)], **build_flags(), is_python_module=False
     )

@@ -62,15 +62,17 @@ def head_inputs(module: SparseActivationModule, rows: range) -> torch.Tensor:
     return torch.cat(inputs)
 
 
-def score(x: torch.Tensor, logits_of, dense_of) -> tuple[float, float]:
-    """Top-1 agreement with the dense head and KL(dense || sparse), over ``x``'s tokens."""
-    agree = kl = 0.0
+def scores(x: torch.Tensor, heads: dict, dense_of) -> dict:
+    """Each sparse head's top-1 agreement with the dense head and KL(dense || sparse), over
+    ``x``'s tokens (the dense logits computed once per chunk for all of them)."""
+    sums = {name: [0.0, 0.0] for name in heads}
     for chunk in x.split(CHUNK):
         dense = torch.log_softmax(dense_of(chunk), -1)
-        sparse = torch.log_softmax(logits_of(chunk), -1)
-        agree += float((dense.argmax(-1) == sparse.argmax(-1)).sum())
-        kl += float((dense.exp() * (dense - sparse)).sum())
-    return agree / x.shape[0], kl / x.shape[0]
+        for name, logits_of in heads.items():
+            sparse = torch.log_softmax(logits_of(chunk), -1)
+            sums[name][0] += float((dense.argmax(-1) == sparse.argmax(-1)).sum())
+            sums[name][1] += float((dense.exp() * (dense - sparse)).sum())
+    return {name: (agree / x.shape[0], kl / x.shape[0]) for name, (agree, kl) in sums.items()}
 
 
 def main() -> None:
@@ -100,19 +102,17 @@ def main() -> None:
     def dense_of(chunk):
         return torch.nn.functional.linear(chunk, weight, bias)
 
-    rows = []
+    heads = {}
     for level in args.levels:
         keep = kept_count(width, level)
-        bases = {
-            "channels": lambda c, keep=keep: reference_logits(c, weight_t, keep, k, bias),
-            "rotated": lambda c, keep=keep: reference_rotated_logits(
-                c @ rotation, approx_t, keep, k, c, weight, bias
-            ),
-        }
-        for basis, logits_of in bases.items():
-            top1, kl = score(x, logits_of, dense_of)
-            rows.append({"level": level, "basis": basis, "top1_agreement": top1, "kl": kl})
-            print(f"level {level:.2f} {basis:8} top-1 {top1:.4f} KL {kl:.3f}", flush=True)
+        heads[level, "channels"] = lambda c, keep=keep: reference_logits(c, weight_t, keep, k, bias)
+        heads[level, "rotated"] = lambda c, keep=keep: reference_rotated_logits(
+            c @ rotation, approx_t, keep, k, c, weight, bias
+        )
+    rows = []
+    for (level, basis), (top1, kl) in scores(x, heads, dense_of).items():
+        rows.append({"level": level, "basis": basis, "top1_agreement": top1, "kl": kl})
+        print(f"level {level:.2f} {basis:8} top-1 {top1:.4f} KL {kl:.3f}")
     save_report(
         {
             "benchmark": "lm_head_basis",
