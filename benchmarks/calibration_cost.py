@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, machine_info, median_seconds, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, median_seconds, save_report  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     AttributionCalibration,
     QACollator,
@@ -155,8 +155,6 @@ def main() -> None:
         "data": f"TruthfulQA rows 400-{399 + args.questions}, dense greedy answers",
         "answer_tokens": answer_tokens,
         "padded_tokens": batch.input_ids.numel(),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "repeats": args.repeats,
         "seconds": {"dense_forward": t_dense, "ours": t_ours},
         "ours_over_dense_forward": t_ours / t_dense,

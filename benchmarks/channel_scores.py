@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, machine_info, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, save_report  # noqa: E402
 from benchmarks.selection_quality import MODELS  # noqa: E402
 from sparse_lightning import QACollator, SparseActivationModule, load_truthfulqa  # noqa: E402
 from sparse_lightning.data.teacher_forcing import IGNORE  # noqa: E402
@@ -197,8 +197,6 @@ def main() -> None:
             "centring_means": f"answer tokens of TruthfulQA rows {CALIBRATION.start}-"
             f"{CALIBRATION.stop - 1}",
             "answer_tokens": int(sum(d.shape[0] for d in dense)),
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": machine_info(),
             "seconds": time.time() - started,
             "results": rows,
         },

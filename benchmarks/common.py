@@ -303,6 +303,14 @@ def machine_info() -> dict[str, object]:
 
 
 def save_report(report: dict, path: Path) -> None:
+    """Write ``report`` as JSON to ``path``, stamped with the date and :func:`machine_info`
+    (after its ``benchmark`` name), so that every saved figure says where it was measured."""
+    stamped = {
+        "benchmark": report.get("benchmark"),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
+        **report,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(stamped, indent=2))
     print(f"saved {path}")

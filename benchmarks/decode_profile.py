@@ -169,7 +169,7 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
     """
     import copy
 
-    from benchmarks.common import interleaved_decode, machine_info, save_report
+    from benchmarks.common import interleaved_decode, save_report
     from benchmarks.frontier import PROMPT
     from sparse_lightning import SparsityConfig
 
@@ -198,8 +198,6 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
             print(f"{a} {ms_a:.2f} vs {b} {ms_b:.2f} ms per step: {a}-{b} = {ms_a - ms_b:.2f} ms")
     report = {
         "benchmark": "decode_split",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "model": key,
         "settings": {
             "S": {

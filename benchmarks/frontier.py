@@ -58,7 +58,6 @@ from benchmarks.common import (  # noqa: E402
     decode_options_record,
     greedy_decode,
     interleaved_decode,
-    machine_info,
     paired_decode,
     save_report,
     tuned_decode,
@@ -369,8 +368,6 @@ def main() -> None:
     measured = tuple(a for a in args.allocations if a != "uniform")
     report: dict = {
         "benchmark": "frontier",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "budgets": args.budgets,
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,

@@ -30,7 +30,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +43,6 @@ from benchmarks.common import (  # noqa: E402
     decode_speed,
     greedy_decode,
     linear_macs,
-    machine_info,
     paired_ratio,
     save_report,
 )
@@ -190,8 +188,6 @@ def main() -> None:
     report = {
         "benchmark": "gate_skip",
         "model": "SmolLM2-135M-Instruct, float32, mode='gate', heads dense",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "repeats": args.repeats,
         "mlp_layer": args.layer,
         "decode_new_tokens": args.new_tokens,

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.common import save_report  # noqa: E402
 from sparse_lightning.kernels import load  # noqa: E402
 
 #: (model, projection) -> (in_features, out_features): the narrow ones (row-split threads).
@@ -118,8 +118,6 @@ def main() -> None:
     save_report(
         {
             "benchmark": "kernel_layout",
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": machine_info(),
             "threads": args.threads,
             "repeats": args.repeats,
             "stream_mb": args.stream_mb,

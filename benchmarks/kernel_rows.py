@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, save_report  # noqa: E402
+from benchmarks.common import save_report  # noqa: E402
 from benchmarks.frontier import MODELS, PROMPT  # noqa: E402
 from benchmarks.kernel_layout import SHAPES  # noqa: E402
 from sparse_lightning.kernels import load  # noqa: E402
@@ -255,8 +255,6 @@ def main() -> None:
     save_report(
         {
             "benchmark": "kernel_rows",
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": machine_info(),
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
             "stream_mb": args.stream_mb,

@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     decode_options,
     decode_options_record,
-    machine_info,
     own_forward,
     paired_ratio,
     save_report,
@@ -199,8 +198,6 @@ def main() -> None:
             )
     report = {
         "benchmark": "kernel_speed",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "repeats": args.repeats,
         "stream_mb": args.stream_mb,
         "compile_options": decode_options_record(),

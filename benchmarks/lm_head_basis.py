@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, calibrated_checkpoint, machine_info, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, calibrated_checkpoint, save_report  # noqa: E402
 from benchmarks.selection_quality import MODELS  # noqa: E402
 from sparse_lightning import QACollator, SparseActivationModule, load_truthfulqa  # noqa: E402
 from sparse_lightning.inference.output import output_rotation  # noqa: E402
@@ -122,8 +122,6 @@ def main() -> None:
             "rotation": f"eigenbasis of the lm_head input's second moment in {path.name}",
             "candidates": k,
             "answer_tokens": int(x.shape[0]),
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": machine_info(),
             "seconds": time.time() - started,
             "results": rows,
         },

@@ -34,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     TRUTHFULQA,
     calibrated_checkpoint,
-    machine_info,
     save_report,
 )
 from benchmarks.offline_models import load_qwen  # noqa: E402
@@ -170,8 +169,6 @@ def main() -> None:
         "model": name,
         "calibration": f"TruthfulQA rows 400-{399 + args.calib}, dense greedy answers (32 tokens)",
         "evaluation": f"TruthfulQA rows 0-{args.eval - 1}, dense greedy answers teacher-forced",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "seconds": {"calibration": calibrated_at - started, "total": time.time() - started},
         "results": table,
     }

@@ -32,7 +32,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +49,6 @@ from benchmarks.common import (  # noqa: E402
     decode_speed,
     greedy_decode,
     linear_macs,
-    machine_info,
     paired_ratio,
     save_report,
     tuned_decode,
@@ -162,8 +160,6 @@ def main() -> None:
     report = {
         "benchmark": "static_inference",
         "model": "SmolLM2-135M-Instruct, float32",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(),
         "repeats": args.repeats,
         "quick_repeats": args.quick_repeats,
         "prefill_shape": list(ids.shape),
