@@ -19,7 +19,10 @@ the two kernels alternating inside each repetition, medians; share of bound =
 ``--activations smollm2 qwen`` adds the patterns that matter: the inputs of every projection
 group of the real models over 8 greedy decode steps, each token keeping its largest channels at
 levels 0, 0.2 and 0.5 (as a uniform allocation would), weights fused and transposed as the
-executor stores them; both kernels time every call of a pass, alternating passes.
+executor stores them; both kernels time every call of a pass, alternating passes. Each of
+those rows also gives the ratio over the fastest, middle and slowest third of the passes
+(ranked by the earlier kernel's time), since this machine's bandwidth drifts between spells
+(60 or more ``--repeats`` make the thirds meaningful).
 
     python benchmarks/kernel_rows.py [--repeats 11] [--against REV] [--activations smollm2 qwen]
 
@@ -148,6 +151,16 @@ def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tenso
     return [(kind, x, weights[(kind, row)]) for kind, row, x in calls]
 
 
+def by_speed(seconds: list[float], ratios: list[float]) -> dict[str, float]:
+    """Median ``ratios`` over the fastest, middle and slowest third of the repetitions, ranked
+    by ``seconds``: this machine's memory bandwidth drifts between spells, and a kernel can
+    keep up in a slow one and fall behind in a fast one (docs/performance.md)."""
+    order = sorted(range(len(seconds)), key=seconds.__getitem__)
+    third = max(1, len(order) // 3)
+    parts = {"fast": order[:third], "middle": order[third:-third], "slow": order[-third:]}
+    return {k: statistics.median(ratios[i] for i in v) for k, v in parts.items() if v}
+
+
 def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
     """Both kernels on the real model's decode inputs, per level and channel kind."""
     calls = decode_inputs(model_key)
@@ -159,8 +172,9 @@ def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
             threshold = float(x.abs().flatten().topk(keep).values[-1]) if level else 0.0
             timed.append((group, x, w, threshold))
         times: dict[tuple[str, str], list[float]] = {}
-        for _ in range(repeats):
-            for kernel, op in kernels.items():  # alternating passes
+        for repeat in range(repeats):
+            order = list(kernels.items())
+            for kernel, op in order if repeat % 2 else order[::-1]:  # alternating passes
                 spent: dict[str, float] = {}
                 for group, x, w, threshold in timed:
                     start = time.perf_counter()
@@ -182,12 +196,14 @@ def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
                 f"{earlier}_ms": statistics.median(times[(earlier, group)]) * 1e3,
                 "shipped_ms": statistics.median(times[(shipped, group)]) * 1e3,
                 "speedup_of_shipped": statistics.median(ratios),
+                "speedup_of_shipped_by_speed": by_speed(times[(earlier, group)], ratios),
             }
             rows.append(row)
+            thirds = " ".join(f"{k} {v:.3f}" for k, v in row["speedup_of_shipped_by_speed"].items())
             print(
                 f"{model_key} decode inputs, level {level:.1f}, {group:13}: {earlier} "
                 f"{row[f'{earlier}_ms']:7.2f} ms, shipped {row['shipped_ms']:7.2f} ms "
-                f"(shipped {row['speedup_of_shipped']:.3f}x)",
+                f"(shipped {row['speedup_of_shipped']:.3f}x; by speed: {thirds})",
                 flush=True,
             )
     return rows

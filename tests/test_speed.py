@@ -95,3 +95,14 @@ def test_interleaved_decode_alternates_steps_and_times_each_side():
     with pytest.raises(ValueError, match="at least 2 new tokens"):
         one = [_FakeDecode(name, 0.0, log, new_tokens=1) for name in ("a", "b")]
         interleaved_decode(*one, repeats=1)
+
+
+def test_by_speed_ranks_repetitions_by_the_baselines_time():
+    from benchmarks.kernel_rows import by_speed
+
+    # Ranked by seconds the repetitions are 1, 2, 0 | 5, 4, 3 | ...: thirds of two each.
+    seconds = [3.0, 1.0, 2.0, 6.0, 5.0, 4.0]
+    ratios = [0.3, 0.1, 0.2, 0.6, 0.5, 0.4]
+    assert by_speed(seconds, ratios) == pytest.approx({"fast": 0.15, "middle": 0.35, "slow": 0.55})
+    # Fewer than three repetitions: the thirds overlap instead of going empty.
+    assert by_speed([2.0, 1.0], [0.2, 0.1]) == pytest.approx({"fast": 0.1, "slow": 0.2})
