@@ -302,9 +302,10 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def save_report(report: dict, path: Path) -> None:
+def save_report(report: dict, path: Path) -> dict:
     """Write ``report`` as JSON to ``path``, stamped with the date and :func:`machine_info`
-    (after its ``benchmark`` name), so that every saved figure says where it was measured."""
+    (after its ``benchmark`` name), so that every saved figure says where it was measured;
+    returns the stamped report."""
     stamped = {
         "benchmark": report.get("benchmark"),
         "date": time.strftime("%Y-%m-%d"),
@@ -314,3 +315,4 @@ def save_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stamped, indent=2))
     print(f"saved {path}")
+    return stamped

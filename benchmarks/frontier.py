@@ -464,7 +464,7 @@ def main() -> None:
         report["budgets"] = sorted({p["budget"] for p in all_points})
         save_report(report, args.out)
         del dense, module, model
-    plot(report, args.plot)
+    plot(save_report(report, args.out), args.plot)  # the stamped report: its date titles the plot
     print(f"plot -> {args.plot}")
     for result in report["models"].values():
         print(f"\n{result['model']}\n\n{table(result)}")
