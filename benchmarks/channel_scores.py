@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, save_report  # noqa: E402
+from benchmarks.common import TRUTHFULQA, results_path, save_report  # noqa: E402
 from benchmarks.selection_quality import MODELS  # noqa: E402
 from sparse_lightning import QACollator, SparseActivationModule, load_truthfulqa  # noqa: E402
 from sparse_lightning.data.teacher_forcing import IGNORE  # noqa: E402
@@ -139,8 +139,7 @@ def main() -> None:
     parser.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    suffix = "" if args.model == "smollm2" else f"_{args.model}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"channel_scores{suffix}.json"
+    out = args.out or results_path("channel_scores", args.model)
     started = time.time()
     name, load = MODELS[args.model]
     model, tokenizer = load()

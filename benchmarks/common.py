@@ -36,6 +36,28 @@ STATIC_CHECKPOINT = (
 STATIC_ROWS = range(400, 432)
 
 
+def results_path(benchmark: str, model: str) -> Path:
+    """Where ``benchmark`` saves its report for ``model`` by default: SmolLM2's at
+    ``benchmarks/results/<benchmark>.json``, another model's with ``_<model>`` added."""
+    suffix = "" if model == "smollm2" else f"_{model}"
+    return Path(__file__).resolve().parent / "results" / f"{benchmark}{suffix}.json"
+
+
+def frontier_checkpoint(key: str, allocation: str):
+    """Model ``key``'s model and tokenizer, and the frontier's checkpoint of it (calibrated on
+    TruthfulQA 400-799 when missing, with ``allocation``'s table unless it is uniform)."""
+    from benchmarks.frontier import MODELS
+
+    _, load = MODELS[key]
+    model, tokenizer = load()
+    path = (
+        Path(__file__).resolve().parents[1] / "checkpoints" / f"{key}-frontier-400-800.safetensors"
+    )
+    measured = () if allocation == "uniform" else (allocation,)
+    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
+    return model, tokenizer, path
+
+
 def calibrated_checkpoint(
     model,
     tokenizer,

@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     STATIC_CHECKPOINT,
     STATIC_ROWS,
     calibrated_checkpoint,
+    frontier_checkpoint,
     tuned_decode,
 )
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
@@ -107,19 +108,6 @@ def main() -> None:
     else:
         nets = (("dense", model), (f"compacted {level:.0%}", compact))
         profile_tuned(nets, tokenizer)
-
-
-def frontier_checkpoint(key: str, allocation: str):
-    """``--model``'s model and tokenizer, and the frontier's checkpoint of it (calibrated on
-    TruthfulQA 400-799 when missing, with ``allocation``'s table unless it is uniform)."""
-    from benchmarks.frontier import MODELS
-
-    _, load = MODELS[key]
-    model, tokenizer = load()
-    path = ROOT / "checkpoints" / f"{key}-frontier-400-800.safetensors"
-    measured = () if allocation == "uniform" else (allocation,)
-    calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
-    return model, tokenizer, path
 
 
 def profile_skip(key: str, budget: float, allocation: str, lm_head: float) -> None:

@@ -33,7 +33,12 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import TRUTHFULQA, calibrated_checkpoint, save_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TRUTHFULQA,
+    frontier_checkpoint,
+    results_path,
+    save_report,
+)
 from benchmarks.selection_quality import MODELS  # noqa: E402
 from sparse_lightning import QACollator, SparseActivationModule, load_truthfulqa  # noqa: E402
 from sparse_lightning.inference.output import output_rotation  # noqa: E402
@@ -82,13 +87,10 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    suffix = "" if args.model == "smollm2" else f"_{args.model}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"lm_head_basis{suffix}.json"
+    out = args.out or results_path("lm_head_basis", args.model)
     started = time.time()
-    name, load = MODELS[args.model]
-    model, tokenizer = load()
-    path = ROOT / "checkpoints" / f"{args.model}-frontier-400-800.safetensors"
-    calibrated_checkpoint(model, tokenizer, range(400, 800), path)
+    name = MODELS[args.model][0]
+    model, tokenizer, path = frontier_checkpoint(args.model, "uniform")
     module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
     head = model.get_output_embeddings()
     weight, bias = head.weight.detach(), head.bias

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     TRUTHFULQA,
     calibrated_checkpoint,
+    results_path,
     save_report,
 )
 from benchmarks.offline_models import load_qwen  # noqa: E402
@@ -87,8 +88,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    suffix = "" if args.model == "smollm2" else f"_{args.model}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"selection_quality{suffix}.json"
+    out = args.out or results_path("selection_quality", args.model)
     name, load = MODELS[args.model]
     chosen = settings(args.selectors)
     torch.manual_seed(0)
