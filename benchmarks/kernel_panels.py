@@ -28,7 +28,6 @@ Prints a table and writes benchmarks/results/kernel_panels.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -44,15 +43,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import decode_options_record, save_report  # noqa: E402
 from benchmarks.kernel_speed import (  # noqa: E402
     MODELS,
     DenseProjections,
     inputs_keeping,
     projection_shapes,
+    save_stream_report,
+    stream_arguments,
+    streamed_copies,
     tuned,
 )
-from sparse_lightning.kernels import compiled  # noqa: E402
 
 SOURCE = ROOT / "benchmarks" / "csrc" / "panel_gemv.cpp"
 VARIANTS = ("inductor", "rows 0%", "rows 50%", "panels", "indexed 0%", "indexed 50%")
@@ -75,14 +75,7 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--stream-mb", type=float, default=256.0)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_panels.json"
-    )
-    args = parser.parse_args()
-    assert compiled(), "the kernel did not build (see the warning): nothing to measure"
+    args = stream_arguments(__doc__, "kernel_panels")
     from torch.utils.cpp_extension import load as load_extension
 
     ext = load_extension(
@@ -94,12 +87,8 @@ def main() -> None:
     rows, started = [], time.time()
     for model, *dims in MODELS:
         for name, (fan_in, fan_out) in projection_shapes(*dims).items():
-            copies = max(4, int(args.stream_mb * 2**20 // (fan_in * fan_out * 4)))
-            g = torch.Generator().manual_seed(fan_in * fan_out)
-            weights = [
-                torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5 for _ in range(copies)
-            ]
-            xs = [torch.randn(1, fan_in, generator=g) for _ in range(copies)]
+            weights, xs = streamed_copies(fan_in, fan_out, args.stream_mb)
+            copies = len(weights)
             half = inputs_keeping(xs, 0.5)  # threshold 1.0 keeps exactly half of each
             width = panel_width(fan_out)
             weights_t = [w.t().contiguous() for w in weights]
@@ -167,15 +156,7 @@ def main() -> None:
                 f"50% share of bound: rows {s['rows']:.0%}, indexed {s['panels, indexed']:.0%}",
                 flush=True,
             )
-    report = {
-        "benchmark": "kernel_panels",
-        "repeats": args.repeats,
-        "stream_mb": args.stream_mb,
-        "compile_options": decode_options_record(),
-        "seconds": round(time.time() - started),
-        "results": rows,
-    }
-    save_report(report, args.out)
+    save_stream_report("kernel_panels", args, started, rows)
 
 
 if __name__ == "__main__":

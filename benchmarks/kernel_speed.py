@@ -119,6 +119,17 @@ def tuned(module: nn.Module, xs: list[torch.Tensor]) -> Callable[..., None]:
     return run
 
 
+def streamed_copies(
+    fan_in: int, fan_out: int, stream_mb: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Enough seeded random (fan_out, fan_in) weights to stream ``stream_mb`` MB (at least 4),
+    each with its own (1, fan_in) input: every call then reads its weight from memory."""
+    copies = max(4, int(stream_mb * 2**20 // (fan_in * fan_out * 4)))
+    g = torch.Generator().manual_seed(fan_in * fan_out)
+    weights = [torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5 for _ in range(copies)]
+    return weights, [torch.randn(1, fan_in, generator=g) for _ in range(copies)]
+
+
 def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> list[torch.Tensor]:
     """Inputs scaled so that threshold 1.0 keeps exactly ``1 - skipped`` of each one's
     channels."""
@@ -134,25 +145,43 @@ def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> list[torch.Tensor]
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def stream_arguments(doc: str, benchmark: str) -> argparse.Namespace:
+    """The command line of a streamed-weights kernel benchmark: --repeats, --stream-mb and
+    --out (default ``benchmarks/results/<benchmark>.json``); fails early without the kernel."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stream-mb", type=float, default=256.0)
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_speed.json"
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / f"{benchmark}.json"
     )
     args = parser.parse_args()
     assert compiled(), "the kernel did not build (see the warning): nothing to measure"
+    return args
+
+
+def save_stream_report(
+    benchmark: str, args: argparse.Namespace, started: float, rows: list[dict]
+) -> None:
+    """Saves the rows of a streamed-weights kernel benchmark with its settings."""
+    report = {
+        "benchmark": benchmark,
+        "repeats": args.repeats,
+        "stream_mb": args.stream_mb,
+        "compile_options": decode_options_record(),
+        "seconds": round(time.time() - started),
+        "results": rows,
+    }
+    save_report(report, args.out)
+
+
+def main() -> None:
+    args = stream_arguments(__doc__, "kernel_speed")
     rows = []
     started = time.time()
     for model, *dims in MODELS:
         for name, (fan_in, fan_out) in projection_shapes(*dims).items():
-            copies = max(4, int(args.stream_mb * 2**20 // (fan_in * fan_out * 4)))
-            g = torch.Generator().manual_seed(fan_in * fan_out)
-            weights = [
-                torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5 for _ in range(copies)
-            ]
-            xs = [torch.randn(1, fan_in, generator=g) for _ in range(copies)]
+            weights, xs = streamed_copies(fan_in, fan_out, args.stream_mb)
+            copies = len(weights)
             torch._dynamo.reset()  # the previous shape's graphs (and weight copies) go
             dense = tuned(DenseProjections(weights), xs)
             kernel0 = tuned(SparseProjections(weights, 0.0), xs)
@@ -196,15 +225,7 @@ def main() -> None:
                 f"({half['share_of_bound']:.0%})",
                 flush=True,
             )
-    report = {
-        "benchmark": "kernel_speed",
-        "repeats": args.repeats,
-        "stream_mb": args.stream_mb,
-        "compile_options": decode_options_record(),
-        "seconds": round(time.time() - started),
-        "results": rows,
-    }
-    save_report(report, args.out)
+    save_stream_report("kernel_speed", args, started, rows)
 
 
 if __name__ == "__main__":
