@@ -462,9 +462,9 @@ def main() -> None:
         # A resumed subset measures some budgets; the report holds every model's points.
         all_points = [p for entry in report["models"].values() for p in entry["points"]]
         report["budgets"] = sorted({p["budget"] for p in all_points})
-        save_report(report, args.out)
+        saved = save_report(report, args.out)  # stamped: its date titles the plot
         del dense, module, model
-    plot(save_report(report, args.out), args.plot)  # the stamped report: its date titles the plot
+    plot(saved, args.plot)
     print(f"plot -> {args.plot}")
     for result in report["models"].values():
         print(f"\n{result['model']}\n\n{table(result)}")

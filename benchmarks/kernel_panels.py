@@ -55,7 +55,6 @@ from benchmarks.kernel_speed import (  # noqa: E402
 )
 
 SOURCE = ROOT / "benchmarks" / "csrc" / "panel_gemv.cpp"
-VARIANTS = ("inductor", "rows 0%", "rows 50%", "panels", "indexed 0%", "indexed 50%")
 
 
 def panel_width(out_features: int, threads: int = 2) -> int:
@@ -118,17 +117,17 @@ def main() -> None:
                 "indexed 0%": partial(run, xs, packed, 0.0, "panels_indexed", ys),
                 "indexed 50%": partial(run, half, packed, 1.0, "panels_indexed", ys),
             }
-            times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+            order = list(calls)
+            t: dict[str, list[float]] = {k: [] for k in order}
             for call in calls.values():
                 call()
             for r in range(args.repeats):
-                for key in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+                for key in order if r % 2 == 0 else order[::-1]:
                     start = time.perf_counter()
                     calls[key]()
-                    times[key].append(time.perf_counter() - start)
+                    t[key].append(time.perf_counter() - start)
             gb = fan_in * fan_out * 4 * copies / 2**30
             bound = fan_in / int((half[0].abs() >= 1.0).sum())
-            t = times
             row = {
                 "model": model,
                 "projection": name,
