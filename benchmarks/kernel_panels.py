@@ -80,6 +80,7 @@ def main() -> None:
     ext = load_extension(
         name="sparse_lightning_bench_panels",
         sources=[str(SOURCE)],
+        extra_include_paths=[str(ROOT / "sparse_lightning" / "kernels" / "csrc")],  # sparse_rows.h
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
     )

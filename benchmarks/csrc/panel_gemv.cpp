@@ -8,8 +8,9 @@
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/extension.h>
 
-#include <cmath>
 #include <vector>
+
+#include "sparse_rows.h"
 
 extern "C" AOTITorchError aoti_torch_cpu_input_sparse_linear(AtenTensorHandle x,
                                                              AtenTensorHandle weight_t,
@@ -40,23 +41,20 @@ void panel(const float* w, const int64_t* row, const float* value, int64_t count
 template <int V, bool Indexed>
 void panels(const at::Tensor& x, const at::Tensor& w, double threshold, at::Tensor& y) {
   const int64_t blocks = w.size(0), in = w.size(1);
-  const float* xp = x.data_ptr<float>();
-  std::vector<int64_t> row;
-  std::vector<float> value;
-  for (int64_t i = 0; i < in; ++i) {
-    if (!Indexed || std::abs(xp[i]) >= threshold) {
-      row.push_back(i);
-      value.push_back(xp[i]);
-    }
-  }
+  // The kept channels as the shipped kernel finds them (every channel when not indexed).
+  std::vector<int64_t> row(in);
+  std::vector<float> value(in);
+  const int64_t count = sparse_rows::kept_channels<float>(
+      x.data_ptr<float>(), in, Indexed ? static_cast<float>(threshold) : 0.0f, row.data(),
+      value.data());
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t b = blocks * p / threads; b < blocks * (p + 1) / threads; ++b) {
-        panel<V, Indexed>(wp + b * in * 16 * V, row.data(), value.data(),
-                          static_cast<int64_t>(row.size()), yp + b * 16 * V);
+        panel<V, Indexed>(wp + b * in * 16 * V, row.data(), value.data(), count,
+                          yp + b * 16 * V);
       }
     }
   });
