@@ -43,6 +43,12 @@ def results_path(benchmark: str, model: str) -> Path:
     return Path(__file__).resolve().parent / "results" / f"{benchmark}{suffix}.json"
 
 
+def frontier_checkpoint_path(key: str, calib: range = range(400, 800)) -> Path:
+    """Where the frontier keeps model ``key``'s checkpoint calibrated on TruthfulQA ``calib``."""
+    name = f"{key}-frontier-{calib.start}-{calib.stop}.safetensors"
+    return Path(__file__).resolve().parents[1] / "checkpoints" / name
+
+
 def frontier_checkpoint(key: str, allocation: str):
     """Model ``key``'s model and tokenizer, and the frontier's checkpoint of it (calibrated on
     TruthfulQA 400-799 when missing, with ``allocation``'s table unless it is uniform)."""
@@ -50,9 +56,7 @@ def frontier_checkpoint(key: str, allocation: str):
 
     _, load = MODELS[key]
     model, tokenizer = load()
-    path = (
-        Path(__file__).resolve().parents[1] / "checkpoints" / f"{key}-frontier-400-800.safetensors"
-    )
+    path = frontier_checkpoint_path(key)
     measured = () if allocation == "uniform" else (allocation,)
     calibrated_checkpoint(model, tokenizer, range(400, 800), path, allocations=measured)
     return model, tokenizer, path

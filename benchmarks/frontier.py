@@ -56,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
     TRUTHFULQA,
     calibrated_checkpoint,
     decode_options_record,
+    frontier_checkpoint_path,
     greedy_decode,
     interleaved_decode,
     paired_decode,
@@ -381,7 +382,7 @@ def main() -> None:
         name, load = MODELS[key]
         started = time.time()
         model, tokenizer = load()
-        path = ROOT / "checkpoints" / f"{key}-frontier-{calib.start}-{calib.stop}.safetensors"
+        path = frontier_checkpoint_path(key, calib)
         calibrated_checkpoint(
             model,
             tokenizer,
