@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     TRUTHFULQA,
     calibrated_checkpoint,
+    frontier_checkpoint_path,
     results_path,
     save_report,
 )
@@ -93,12 +94,9 @@ def main() -> None:
     started = time.time()
 
     model, tokenizer = load()
-    checkpoint = args.checkpoint or (
-        ROOT / "checkpoints" / f"{args.model}-frontier-400-{400 + args.calib}.safetensors"
-    )
-    calibrated_checkpoint(
-        model, tokenizer, range(400, 400 + args.calib), checkpoint, args.batch_size
-    )
+    calib = range(400, 400 + args.calib)
+    checkpoint = args.checkpoint or frontier_checkpoint_path(args.model, calib)
+    calibrated_checkpoint(model, tokenizer, calib, checkpoint, args.batch_size)
     calibrated_at = time.time()
 
     module = SparseActivationModule.from_pretrained(
