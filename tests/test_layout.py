@@ -25,6 +25,7 @@ LAYERS = (
     ("models",),
     ("module",),
     ("calibration", "evaluation", "lmeval"),
+    ("recipe",),
     ("cli",),
     ("",),  # the package root, sparse_lightning/__init__.py
 )
