@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from sparse_lightning.attribution.statistics import Statistics
 from sparse_lightning.inference.executor import restrict
-from sparse_lightning.kernels import load_logits, load_rotated
+from sparse_lightning.kernels import load_logits, load_rotated, transposed_rows
 from sparse_lightning.kernels.ops import top_k_channels
 from sparse_lightning.selection.selectors import kept_count
 
@@ -169,13 +169,13 @@ class OutputExecutor:
             if rotation is None:
                 self.rotation = None
                 self.op = load_logits()
-                self.weight_t = weight.t().contiguous()
+                self.weight_t = transposed_rows([weight.t()])
                 head.weight.data = self.weight_t.t()  # a tied embedding reads the same storage
             else:
                 self.rotation = rotation.to(weight.dtype)
                 self.op = load_rotated()
                 narrow = APPROXIMATION_DTYPE if weight.dtype == torch.float32 else weight.dtype
-                self.weight_t = (weight @ self.rotation).t().to(narrow).contiguous()
+                self.weight_t = transposed_rows([(weight @ self.rotation).t().to(narrow)])
         self.reads = OutputReads(
             self.candidates, rotation is not None, self.weight_t.element_size()
         )

@@ -32,7 +32,7 @@ from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.architectures.weights import input_rows, is_transposed
 from sparse_lightning.inference.executor import Executor, Owner, restrict
 from sparse_lightning.inference.mask import MaskExecutor
-from sparse_lightning.kernels import load
+from sparse_lightning.kernels import load, row_stride, transposed_rows
 from sparse_lightning.selection import Selector
 from sparse_lightning.units import UNIT_KINDS
 
@@ -67,8 +67,14 @@ class InputSparseExecutor(Executor):
         self.modules = architecture.site_modules(UNIT_KINDS[kind].site, layer)
         self.op = load()
         parts = [input_rows(m) for m in self.modules]
-        self._fused_layout = len(parts) > 1 or not parts[0].is_contiguous()
-        self.weight_t = torch.cat(parts, dim=1).contiguous() if self._fused_layout else parts[0]
+        columns = sum(part.shape[1] for part in parts)
+        # A new storage unless the one projection's weight already is the kernel's layout.
+        self._own_storage = (
+            len(parts) > 1
+            or not parts[0].is_contiguous()
+            or row_stride(columns, parts[0].element_size()) != columns
+        )
+        self.weight_t = transposed_rows(parts) if self._own_storage else parts[0]
         self.slices: list[tuple[int, int]] = []
         start = 0
         with torch.no_grad():
@@ -76,7 +82,7 @@ class InputSparseExecutor(Executor):
                 columns = self.weight_t[:, start : start + part.shape[1]]
                 self.slices.append((start, start + part.shape[1]))
                 start += part.shape[1]
-                if self._fused_layout:
+                if self._own_storage:
                     module.weight.data = columns if is_transposed(module) else columns.t()
         biases = [getattr(m, "bias", None) for m in self.modules]
         self.bias = (
@@ -99,7 +105,7 @@ class InputSparseExecutor(Executor):
         for module in self.modules:
             if module.__dict__.get("forward") is not None:
                 del module.forward
-            if self._fused_layout:
+            if self._own_storage:
                 module.weight.data = module.weight.data.contiguous()
         self._last = None
 

@@ -1,5 +1,6 @@
 """Compiled CPU kernels (built on first use) with a pure-PyTorch fallback."""
 
+from sparse_lightning.kernels.layout import row_stride, transposed_rows
 from sparse_lightning.kernels.ops import (
     compiled,
     inductor_options,
@@ -24,4 +25,6 @@ __all__ = [
     "reference_logits",
     "reference_rotated_logits",
     "reference_topk",
+    "row_stride",
+    "transposed_rows",
 ]

@@ -1,0 +1,173 @@
+"""The kernels' weight layout: rows of whole kilobytes padded, and every path through padded
+weights equal to a plain model masked by its own hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import by_hand, decode_logits
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from sparse_lightning import SparseActivationModule, resolve
+from sparse_lightning.inference import Sparsifier
+from sparse_lightning.kernels import load, load_topk, row_stride, transposed_rows
+from sparse_lightning.selection import DynamicSelector
+from sparse_lightning.units import UNIT_KINDS
+
+PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
+
+
+@pytest.mark.parametrize(
+    "columns,element_size,stride",
+    [
+        (256, 4, 320),  # 1 KB rows: 256 bytes more
+        (3072, 4, 3136),  # SmolLM2's gate|up, 12 KB
+        (9728, 4, 9792),  # Qwen 0.5B's gate|up, 38 KB
+        (49152, 2, 49280),  # SmolLM2's lm_head approximation in bfloat16
+        (128, 8, 160),  # float64
+        (960, 4, 960),  # SmolLM2's q|k|v, 3.75 KB: packed
+        (576, 4, 576),
+        (255, 4, 255),
+        (1152, 4, 1152),  # 4.5 KB
+    ],
+)
+def test_row_stride_pads_rows_of_whole_kilobytes(columns, element_size, stride):
+    assert row_stride(columns, element_size) == stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_transposed_rows_holds_the_parts_side_by_side_in_a_new_storage(dtype):
+    g = torch.Generator().manual_seed(0)
+    size = torch.empty(0, dtype=dtype).element_size()
+    columns, pad = 1024 // size, 256 // size  # rows of exactly 1 KB
+    parts = [
+        torch.randn(5, columns // 4, generator=g),
+        torch.randn(5, 3 * columns // 4, generator=g),
+    ]
+    parts = [part.to(dtype) for part in parts]
+    rows = transposed_rows(parts)
+    assert torch.equal(rows, torch.cat(parts, dim=1))
+    assert rows.stride() == (columns + pad, 1)
+    storage = rows.as_strided((5, columns + pad), (columns + pad, 1))
+    assert torch.equal(storage[:, columns:], torch.zeros(5, pad, dtype=dtype))
+    assert all(rows.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() for p in parts)
+    single = torch.randn(3, 100, generator=g)  # packed rows: a copy, contiguous
+    assert transposed_rows([single]).is_contiguous()
+
+
+@pytest.mark.parametrize("out", [5, 256, 4200])  # 4200: the threads split the columns
+def test_the_ops_read_padded_rows_like_a_hand_computation(out):
+    g = torch.Generator().manual_seed(out)
+    storage = torch.randn(40, out + 64, generator=g)
+    weight_t = storage[:, :out]  # rows 64 floats apart beyond their length
+    x = torch.randn(3, 40, generator=g)
+    bias = torch.randn(out, generator=g)
+    for t in (0.0, 0.7):
+        got = load()(x, weight_t, t, bias)
+        torch.testing.assert_close(
+            got.double(), by_hand(x, weight_t, t, bias), rtol=1e-5, atol=1e-5
+        )
+    keep = 12  # the top-k op: each token's 12 largest channels
+    t = x.abs().sort(dim=-1, descending=True).values[:, keep - 1 : keep]
+    want = torch.stack([by_hand(x[i : i + 1], weight_t, float(t[i]), None)[0] for i in range(3)])
+    torch.testing.assert_close(
+        load_topk()(x, weight_t, keep, None).double(), want, rtol=1e-5, atol=1e-5
+    )
+
+
+def wide_llama(seed: int = 0):
+    """A llama whose gate|up rows (2 x 128 floats) and lm_head rows (256 floats) are 1 KB, so
+    both get padded; q|k|v (64 + 2 x 32 floats) and o and down (64) stay packed."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.pad_token_id = 0
+    return model.eval()
+
+
+def masked_decode(kind_threshold: dict[str, float], lm_head_keep: int | None = None):
+    """The plain wide llama with its own hooks: on decode steps, each projection's input
+    channels below the kind's threshold zeroed; the lm_head's logits from its ``lm_head_keep``
+    largest input channels, the 4 largest of them recomputed densely."""
+    model = wide_llama()
+    arch = resolve(model)
+    for kind, t in kind_threshold.items():
+
+        def mask(module, args, t=t):
+            x = args[0]
+            if x.numel() != x.shape[-1]:
+                return None
+            return (x * (x.abs() >= t).to(x.dtype),)
+
+        for layer in range(arch.num_layers):
+            for module in arch.site_modules(UNIT_KINDS[kind].site, layer):
+                module.register_forward_pre_hook(mask)
+    if lm_head_keep is not None:
+
+        def rescore(module, args, output):
+            x = args[0]
+            if x.numel() != x.shape[-1]:
+                return None
+            t = x.abs().sort(dim=-1, descending=True).values[..., lm_head_keep - 1 : lm_head_keep]
+            approx = F.linear(x * (x.abs() >= t).to(x.dtype), module.weight, module.bias)
+            index = approx.topk(4, dim=-1).indices
+            return approx.scatter(-1, index, output.gather(-1, index))
+
+        model.get_output_embeddings().register_forward_hook(rescore)
+    return decode_logits(model, PROMPT)
+
+
+def test_decode_through_padded_rows_equals_the_masked_reference_and_removal_restores():
+    model = wide_llama()
+    arch = resolve(model)
+    t = 0.6
+    selectors = {kind: DynamicSelector(torch.full((2,), t)) for kind in ("mlp_input", "attn_input")}
+    sparsifier = Sparsifier(model, arch, selectors, lm_head=0.5, lm_head_candidates=4)
+    strides = {ex.kind: ex.weight_t.stride(0) for ex in sparsifier.executors}
+    assert strides == {"mlp_input": 256 + 64, "attn_input": 128}  # gate|up padded, q|k|v not
+    assert sparsifier.output.weight_t.stride(0) == 256 + 64
+    kernel = decode_logits(model, PROMPT)
+    realized = sparsifier.realized()
+    assert 0.0 < realized["mlp_input"] < 1.0 and 0.0 < realized["attn_input"] < 1.0
+    expected = masked_decode({"mlp_input": t, "attn_input": t}, lm_head_keep=32)
+    torch.testing.assert_close(kernel, expected, rtol=1e-5, atol=1e-5)
+    # A prompt of 24 tokens runs dense through the padded views, bit for bit.
+    ids = torch.randint(3, 255, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, wide_llama()(ids).logits)
+    sparsifier.remove()
+    plain = wide_llama()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_module_with_a_budget_on_padded_rows_equals_its_own_masked_path(tmp_path):
+    """The public path: every channel kind at 0.5 through from_pretrained's executors, the
+    kernel against the executors' masked reference path (gather off)."""
+    from conftest import calibrate, loader_of, token_pairs
+
+    _, _, callback = calibrate(
+        wide_llama(), loader_of(token_pairs(4)), run_name="wide", dirpath=tmp_path
+    )
+    module = SparseActivationModule.from_pretrained(
+        wide_llama(),
+        callback.checkpoint_path,
+        attn_input=0.5,
+        mlp_input=0.5,
+        head_features=0.5,
+        mlp=0.5,
+    )
+    assert any(ex.weight_t.stride(0) != ex.weight_t.shape[1] for ex in module.sparsifier.executors)
+    kernel = decode_logits(module.model, PROMPT)
+    module.sparsifier.gather = False
+    torch.testing.assert_close(decode_logits(module.model, PROMPT), kernel, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(kernel, decode_logits(wide_llama(), PROMPT))  # really sparse
