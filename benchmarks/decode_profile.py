@@ -16,18 +16,22 @@ without the profiler. ``--what skip`` profiles the tuned decode of ``--model`` (
 qwen) dense and input-sparse at ``--budget`` (``--allocation``, the frontier's checkpoint,
 ``--lm-head`` for the output projection's level), the kernel's calls included, and prints the
 rate at which each side streams its weights. ``--what split`` takes the same step apart by
-interleaved timings instead of a profiler (:func:`split_step`). See
+interleaved timings instead of a profiler (:func:`split_step`); ``--what padding`` times
+the kernels' padded rows against packed ones in the same decode (:func:`padding_step`). See
 the README's Performance section.
 
     python benchmarks/decode_profile.py [--checkpoint PATH] [--what tuned --level 0.8]
     python benchmarks/decode_profile.py --what skip --model qwen --budget 0.3
     python benchmarks/decode_profile.py --what skip --budget 0.2 --allocation attribution \
         --lm-head 0.5
+    python benchmarks/decode_profile.py --what padding --budget 0.2 --allocation greedy \
+        --lm-head 0.8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -65,31 +69,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument(
-        "--what", choices=("generate", "tuned", "prefill", "skip", "split"), default="generate"
+        "--what",
+        choices=("generate", "tuned", "prefill", "skip", "split", "padding"),
+        default="generate",
     )
     parser.add_argument("--level", type=float, default=None, help="tuned/prefill: default 0.8")
     parser.add_argument(
-        "--model", choices=("smollm2", "qwen"), default="smollm2", help="skip/split"
+        "--model", choices=("smollm2", "qwen"), default="smollm2", help="skip/split/padding"
     )
     parser.add_argument(
-        "--budget", type=float, default=0.3, help="skip/split: decode bytes to skip"
+        "--budget", type=float, default=0.3, help="skip/split/padding: decode bytes to skip"
     )
     parser.add_argument(
-        "--allocation", default="uniform", help="skip/split: how the budget spreads"
+        "--allocation", default="uniform", help="skip/split/padding: how the budget spreads"
     )
-    parser.add_argument("--lm-head", type=float, default=0.0, help="skip/split: lm_head level")
+    parser.add_argument(
+        "--lm-head", type=float, default=0.0, help="skip/split/padding: lm_head level"
+    )
     parser.add_argument(
         "--out",
         type=Path,
-        default=ROOT / "benchmarks/results/decode_split.json",
-        help="split: where the JSON goes",
+        default=None,
+        help="split/padding: where the JSON goes (benchmarks/results/decode_<what>.json)",
     )
     args = parser.parse_args()
     if args.what == "skip":
         profile_skip(args.model, args.budget, args.allocation, args.lm_head)
         return
-    if args.what == "split":
-        split_step(args.model, args.budget, args.allocation, args.lm_head, args.out)
+    out = args.out or ROOT / f"benchmarks/results/decode_{args.what}.json"
+    if args.what in ("split", "padding"):
+        step = split_step if args.what == "split" else padding_step
+        step(args.model, args.budget, args.allocation, args.lm_head, out)
         return
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
@@ -157,7 +167,7 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
     """
     import copy
 
-    from benchmarks.common import interleaved_decode, save_report
+    from benchmarks.common import save_report
     from benchmarks.frontier import PROMPT
     from sparse_lightning import SparsityConfig
 
@@ -176,14 +186,7 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
         )
         modules[-1].set_sparsity(setting)
         runs[name] = tuned_decode(modules[-1].model, prompt, 32)
-    rows = []
-    for _ in range(2):
-        for a, b in (("D", "S"), ("S", "Z"), ("Z0", "Z"), ("D", "Z0")):
-            result = interleaved_decode(runs[a], runs[b], 7)
-            ms_a = 1e3 / result["dense_decode_tokens_per_s"]
-            ms_b = 1e3 / result["decode_tokens_per_s"]
-            rows.append({"pair": f"{a}-{b}", a: ms_a, b: ms_b, "difference_ms": ms_a - ms_b})
-            print(f"{a} {ms_a:.2f} vs {b} {ms_b:.2f} ms per step: {a}-{b} = {ms_a - ms_b:.2f} ms")
+    rows = interleaved_pairs(runs, (("D", "S"), ("S", "Z"), ("Z0", "Z"), ("D", "Z0")))
     report = {
         "benchmark": "decode_split",
         "model": key,
@@ -196,6 +199,62 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
             }
         },
         "near_empty": NEAR_EMPTY,
+        "rows": rows,
+    }
+    save_report(report, out)
+
+
+def interleaved_pairs(runs: dict, pairs, rounds: int = 2, repeats: int = 7) -> list[dict]:
+    """ms per decode step of each pair of ``runs``, their steps interleaved, ``rounds`` times."""
+    from benchmarks.common import interleaved_decode
+
+    rows = []
+    for _ in range(rounds):
+        for a, b in pairs:
+            result = interleaved_decode(runs[a], runs[b], repeats)
+            ms_a = 1e3 / result["dense_decode_tokens_per_s"]
+            ms_b = 1e3 / result["decode_tokens_per_s"]
+            rows.append({"pair": f"{a}-{b}", a: ms_a, b: ms_b, "difference_ms": ms_a - ms_b})
+            print(f"{a} {ms_a:.2f} vs {b} {ms_b:.2f} ms per step: {a}/{b} = {ms_a / ms_b:.3f}")
+    return rows
+
+
+def padding_step(key: str, budget: float, allocation: str, lm_head: float, out: Path) -> None:
+    """The kernels' padded rows (:mod:`sparse_lightning.kernels.layout`) against packed ones
+    in the tuned decode: ``D`` dense, ``S`` the setting as shipped, ``P`` the same setting
+    with every kernel weight packed (the layout before 2026-12-06), pairs interleaved in one
+    process, three rounds. JSON in ``out``."""
+    import copy
+    from unittest import mock
+
+    from benchmarks.common import save_report
+    from benchmarks.frontier import PROMPT
+    from sparse_lightning import SparsityConfig
+
+    model, tokenizer, path = frontier_checkpoint(key, allocation)
+    setting = SparsityConfig(budget=budget, allocation=allocation, lm_head=lm_head)
+    prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    runs = {"D": tuned_decode(copy.deepcopy(model), prompt, 32)}
+    modules = {}
+    for name in ("S", "P"):
+        packed = mock.patch("sparse_lightning.kernels.layout.row_stride", lambda c, _: c)
+        with packed if name == "P" else contextlib.nullcontext():
+            modules[name] = SparseActivationModule.from_pretrained(
+                copy.deepcopy(model), path, tokenizer=tokenizer
+            )
+            modules[name].set_sparsity(setting)
+        runs[name] = tuned_decode(modules[name].model, prompt, 32)
+    padded = {
+        name: sum(ex.weight_t.stride(0) != ex.weight_t.shape[1] for ex in m.sparsifier.executors)
+        for name, m in modules.items()
+    }
+    print(f"kernel weights with padded rows: {padded}")
+    rows = interleaved_pairs(runs, (("D", "S"), ("D", "P"), ("P", "S")), rounds=3)
+    report = {
+        "benchmark": "decode_padding",
+        "model": key,
+        "setting": {"budget": budget, "allocation": allocation, "lm_head": lm_head},
+        "padded_weights": padded,
         "rows": rows,
     }
     save_report(report, out)

@@ -53,6 +53,7 @@ from benchmarks.kernel_speed import (  # noqa: E402
     streamed_copies,
     tuned,
 )
+from sparse_lightning.kernels import transposed_rows  # noqa: E402
 
 SOURCE = ROOT / "benchmarks" / "csrc" / "panel_gemv.cpp"
 
@@ -91,7 +92,7 @@ def main() -> None:
             copies = len(weights)
             half = inputs_keeping(xs, 0.5)  # threshold 1.0 keeps exactly half of each
             width = panel_width(fan_out)
-            weights_t = [w.t().contiguous() for w in weights]
+            weights_t = [transposed_rows([w.t()]) for w in weights]  # the executor's layout
             packed = [pack(w, width) for w in weights]
             ys = [torch.empty(1, fan_out) for _ in range(copies)]
             torch._dynamo.reset()

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import save_report  # noqa: E402
 from benchmarks.frontier import MODELS, PROMPT  # noqa: E402
 from benchmarks.kernel_layout import SHAPES  # noqa: E402
-from sparse_lightning.kernels import load  # noqa: E402
+from sparse_lightning.kernels import load, transposed_rows  # noqa: E402
 from sparse_lightning.kernels.ops import SOURCE, build_flags  # noqa: E402
 
 #: The kernel that read rows in an order set by their neighbours (measured, not shipped).
@@ -138,7 +138,7 @@ def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tenso
             continue
         for row in architecture.layers_with(unit.site):
             modules = architecture.site_modules(unit.site, row)
-            weights[(kind, row)] = torch.cat([input_rows(m) for m in modules], dim=1).contiguous()
+            weights[(kind, row)] = transposed_rows([input_rows(m) for m in modules])
 
             def record(module, args, kind=kind, row=row) -> None:
                 if args[0].shape[1] == 1:  # decode steps only; the prompt runs dense

@@ -48,7 +48,7 @@ from benchmarks.common import (  # noqa: E402
     paired_ratio,
     save_report,
 )
-from sparse_lightning.kernels import compiled, load  # noqa: E402
+from sparse_lightning.kernels import compiled, load, transposed_rows  # noqa: E402
 
 #: (model, hidden, MLP width, query heads, KV heads, head_dim), from the models' configs.
 MODELS = (
@@ -85,7 +85,7 @@ class SparseProjections(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor], threshold: float) -> None:
         super().__init__()
-        self.weights_t = [w.t().contiguous() for w in weights]
+        self.weights_t = [transposed_rows([w.t()]) for w in weights]  # the executor's layout
         self.threshold = threshold
         self.op = load()
 
