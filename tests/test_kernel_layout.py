@@ -76,7 +76,7 @@ def test_the_ops_read_padded_rows_like_a_hand_computation(out):
     )
 
 
-def wide_llama(seed: int = 0):
+def wide_llama(seed: int = 0, tied: bool = False):
     """A llama whose gate|up rows (2 x 128 floats) and lm_head rows (256 floats) are 1 KB, so
     both get padded; q|k|v (64 + 2 x 32 floats) and o and down (64) stay packed."""
     torch.manual_seed(seed)
@@ -87,17 +87,20 @@ def wide_llama(seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         num_hidden_layers=2,
+        tie_word_embeddings=tied,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.config.pad_token_id = 0
     return model.eval()
 
 
-def masked_decode(kind_threshold: dict[str, float], lm_head_keep: int | None = None):
+def masked_decode(
+    kind_threshold: dict[str, float], lm_head_keep: int | None = None, tied: bool = False
+):
     """The plain wide llama with its own hooks: on decode steps, each projection's input
     channels below the kind's threshold zeroed; the lm_head's logits from its ``lm_head_keep``
     largest input channels, the 4 largest of them recomputed densely."""
-    model = wide_llama()
+    model = wide_llama(tied=tied)
     arch = resolve(model)
     for kind, t in kind_threshold.items():
 
@@ -148,6 +151,25 @@ def test_decode_through_padded_rows_equals_the_masked_reference_and_removal_rest
     for name, value in plain.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_a_tied_embedding_reads_the_padded_lm_head_rows():
+    """With the input embedding tied to the lm_head, the embedding reads the padded storage
+    through a view while the executor is installed."""
+    model = wide_llama(tied=True)
+    embedding = model.get_input_embeddings()
+    assert embedding.weight is model.get_output_embeddings().weight
+    sparsifier = Sparsifier(model, resolve(model), {}, lm_head=0.5, lm_head_candidates=4)
+    assert sparsifier.output.weight_t.stride(0) == 256 + 64
+    assert embedding.weight.stride() == (1, 256 + 64)
+    kernel = decode_logits(model, PROMPT)
+    torch.testing.assert_close(kernel, masked_decode({}, 32, tied=True), rtol=1e-5, atol=1e-5)
+    ids = torch.randint(3, 255, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, wide_llama(tied=True)(ids).logits)
+    sparsifier.remove()
+    assert embedding.weight.is_contiguous()
+    assert torch.equal(embedding.weight, wide_llama(tied=True).get_input_embeddings().weight)
 
 
 def test_module_with_a_budget_on_padded_rows_equals_its_own_masked_path(tmp_path):
