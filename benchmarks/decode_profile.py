@@ -215,7 +215,10 @@ def interleaved_pairs(runs: dict, pairs, rounds: int = 2, repeats: int = 7) -> l
             ms_a = 1e3 / result["dense_decode_tokens_per_s"]
             ms_b = 1e3 / result["decode_tokens_per_s"]
             rows.append({"pair": f"{a}-{b}", a: ms_a, b: ms_b, "difference_ms": ms_a - ms_b})
-            print(f"{a} {ms_a:.2f} vs {b} {ms_b:.2f} ms per step: {a}/{b} = {ms_a / ms_b:.3f}")
+            print(
+                f"{a} {ms_a:.2f} vs {b} {ms_b:.2f} ms per step: {a}-{b} = {ms_a - ms_b:.2f} ms, "
+                f"{a}/{b} = {ms_a / ms_b:.3f}"
+            )
     return rows
 
 

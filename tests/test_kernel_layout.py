@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sparse_lightning import SparseActivationModule, resolve
 from sparse_lightning.inference import Sparsifier
-from sparse_lightning.kernels import load, load_topk, row_stride, transposed_rows
+from sparse_lightning.kernels import (
+    in_kernel_layout,
+    load,
+    load_topk,
+    row_stride,
+    transposed_rows,
+)
 from sparse_lightning.selection import DynamicSelector
 from sparse_lightning.units import UNIT_KINDS
 
@@ -34,6 +40,13 @@ PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
 )
 def test_row_stride_pads_rows_of_whole_kilobytes(columns, element_size, stride):
     assert row_stride(columns, element_size) == stride
+
+
+def test_in_kernel_layout_by_hand():
+    assert in_kernel_layout(torch.zeros(3, 100))  # packed rows of 400 bytes
+    assert not in_kernel_layout(torch.zeros(3, 256))  # 1 KB rows want padding
+    assert in_kernel_layout(torch.zeros(3, 320)[:, :256])  # and have it
+    assert not in_kernel_layout(torch.zeros(100, 3).t())  # not rows at all
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

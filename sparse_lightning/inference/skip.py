@@ -32,7 +32,7 @@ from sparse_lightning.architectures import ResolvedArchitecture
 from sparse_lightning.architectures.weights import input_rows, is_transposed
 from sparse_lightning.inference.executor import Executor, Owner, restrict
 from sparse_lightning.inference.mask import MaskExecutor
-from sparse_lightning.kernels import load, row_stride, transposed_rows
+from sparse_lightning.kernels import in_kernel_layout, load, transposed_rows
 from sparse_lightning.selection import Selector
 from sparse_lightning.units import UNIT_KINDS
 
@@ -67,13 +67,8 @@ class InputSparseExecutor(Executor):
         self.modules = architecture.site_modules(UNIT_KINDS[kind].site, layer)
         self.op = load()
         parts = [input_rows(m) for m in self.modules]
-        columns = sum(part.shape[1] for part in parts)
         # A new storage unless the one projection's weight already is the kernel's layout.
-        self._own_storage = (
-            len(parts) > 1
-            or not parts[0].is_contiguous()
-            or row_stride(columns, parts[0].element_size()) != columns
-        )
+        self._own_storage = len(parts) > 1 or not in_kernel_layout(parts[0])
         self.weight_t = transposed_rows(parts) if self._own_storage else parts[0]
         self.slices: list[tuple[int, int]] = []
         start = 0

@@ -1,6 +1,6 @@
 """Compiled CPU kernels (built on first use) with a pure-PyTorch fallback."""
 
-from sparse_lightning.kernels.layout import row_stride, transposed_rows
+from sparse_lightning.kernels.layout import in_kernel_layout, row_stride, transposed_rows
 from sparse_lightning.kernels.ops import (
     compiled,
     inductor_options,
@@ -16,6 +16,7 @@ from sparse_lightning.kernels.ops import (
 
 __all__ = [
     "compiled",
+    "in_kernel_layout",
     "inductor_options",
     "load",
     "load_logits",

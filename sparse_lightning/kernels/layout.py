@@ -40,6 +40,13 @@ def row_stride(columns: int, element_size: int) -> int:
     return columns
 
 
+def in_kernel_layout(weight_t: Tensor) -> bool:
+    """Whether a 2-d ``(in_features, out_features)`` tensor already has the kernels' layout:
+    unit column stride, rows :func:`row_stride` apart."""
+    columns = weight_t.shape[1]
+    return weight_t.stride() == (row_stride(columns, weight_t.element_size()), 1)
+
+
 def transposed_rows(parts: Sequence[Tensor]) -> Tensor:
     """``parts`` (each ``(in_features, out_i)``, one dtype) side by side in one new storage
     whose rows are :func:`row_stride` apart: the ``(in_features, sum of out_i)`` view of it.
