@@ -28,7 +28,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from sparse_lightning import AttributionCalibration, SparseActivationModule, collate_token_ids
+from sparse_lightning import (
+    AttributionCalibration,
+    SparseActivationModule,
+    collate_token_ids,
+    resolve,
+)
+from sparse_lightning.units import UNIT_KINDS
 
 hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -148,6 +154,43 @@ def static_cache_step(model, forward, prompt: torch.Tensor) -> torch.Tensor:
         return forward(
             input_ids=token, past_key_values=cache, cache_position=where, position_ids=where[None]
         ).logits
+
+
+def mask_decode_inputs(model, kind: str, thresholds: Sequence[float]) -> None:
+    """The masked reference of the input-sparse kernel, with the model's own pre-hooks: on
+    single-token forwards (decode steps; a prompt runs dense), every projection reading
+    ``kind``'s site sees the channels below its layer's threshold zeroed. No
+    sparse_lightning executor is involved."""
+    arch = resolve(model)
+    for layer in range(arch.num_layers):
+
+        def mask(module, args, t=float(thresholds[layer])):
+            x = args[0]
+            if x.numel() != x.shape[-1]:
+                return None
+            return (x * (x.abs() >= t).to(x.dtype),)
+
+        for projection in arch.site_modules(UNIT_KINDS[kind].site, layer):
+            projection.register_forward_pre_hook(mask)
+
+
+def rescore_decode_logits(head, keep: int, candidates: int) -> None:
+    """The masked reference of the sparse lm_head, as a forward hook on ``head``: on
+    single-token forwards, the logits from each token's ``keep`` largest input channels, with
+    the ``candidates`` largest of them replaced by the dense logits."""
+
+    def rescore(module, args, output):
+        x = args[0]
+        if x.numel() != x.shape[-1]:  # the prompt: dense
+            return None
+        t = x.abs().sort(dim=-1, descending=True).values[..., keep - 1 : keep]
+        approx = torch.nn.functional.linear(
+            x * (x.abs() >= t).to(x.dtype), module.weight, module.bias
+        )
+        index = approx.topk(candidates, dim=-1).indices
+        return approx.scatter(-1, index, output.gather(-1, index))
+
+    head.register_forward_hook(rescore)
 
 
 def decode_logits(model, prompt: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import by_hand, decode_logits
+from conftest import by_hand, decode_logits, mask_decode_inputs, rescore_decode_logits
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sparse_lightning import SparseActivationModule, resolve
@@ -19,7 +18,6 @@ from sparse_lightning.kernels import (
     transposed_rows,
 )
 from sparse_lightning.selection import DynamicSelector
-from sparse_lightning.units import UNIT_KINDS
 
 PROMPT = torch.tensor([[5, 9, 17, 3, 44, 61]])
 
@@ -114,30 +112,10 @@ def masked_decode(
     channels below the kind's threshold zeroed; the lm_head's logits from its ``lm_head_keep``
     largest input channels, the 4 largest of them recomputed densely."""
     model = wide_llama(tied=tied)
-    arch = resolve(model)
     for kind, t in kind_threshold.items():
-
-        def mask(module, args, t=t):
-            x = args[0]
-            if x.numel() != x.shape[-1]:
-                return None
-            return (x * (x.abs() >= t).to(x.dtype),)
-
-        for layer in range(arch.num_layers):
-            for module in arch.site_modules(UNIT_KINDS[kind].site, layer):
-                module.register_forward_pre_hook(mask)
+        mask_decode_inputs(model, kind, [t] * model.config.num_hidden_layers)
     if lm_head_keep is not None:
-
-        def rescore(module, args, output):
-            x = args[0]
-            if x.numel() != x.shape[-1]:
-                return None
-            t = x.abs().sort(dim=-1, descending=True).values[..., lm_head_keep - 1 : lm_head_keep]
-            approx = F.linear(x * (x.abs() >= t).to(x.dtype), module.weight, module.bias)
-            index = approx.topk(4, dim=-1).indices
-            return approx.scatter(-1, index, output.gather(-1, index))
-
-        model.get_output_embeddings().register_forward_hook(rescore)
+        rescore_decode_logits(model.get_output_embeddings(), lm_head_keep, 4)
     return decode_logits(model, PROMPT)
 
 

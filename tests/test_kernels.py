@@ -15,6 +15,7 @@ from conftest import (
     calibrate,
     decode_logits,
     loader_of,
+    mask_decode_inputs,
     static_cache_step,
     tiny_model,
     token_pairs,
@@ -298,24 +299,9 @@ def decode(model, steps: int = 5) -> torch.Tensor:
 
 
 def masked_reference(model_type: str, kind: str, thresholds: torch.Tensor) -> torch.Tensor:
-    """A plain model whose own pre-hooks zero, on decode steps only, the channels of ``kind``
-    below each layer's threshold, at every projection that reads them (no sparse_lightning
-    executor involved)."""
+    """A plain model masked on decode steps by its own hooks (:func:`mask_decode_inputs`)."""
     model = tiny_model(model_type)
-    arch = resolve(model)
-
-    def hook(layer):
-        def mask(module, args):
-            x = args[0]
-            if x.numel() != x.shape[-1]:  # the prompt: dense
-                return None
-            return (x * (x.abs() >= thresholds[layer]).to(x.dtype),)
-
-        return mask
-
-    for layer in range(arch.num_layers):
-        for module in arch.site_modules(UNIT_KINDS[kind].site, layer):
-            module.register_forward_pre_hook(hook(layer))
+    mask_decode_inputs(model, kind, thresholds)
     return decode(model)
 
 
@@ -425,19 +411,8 @@ def test_smollm2_greedy_tokens_through_the_kernel_equal_the_masked_reference(smo
         tokenizer=tokenizer,
         **dict.fromkeys(CHANNELS, 0.4),
     )
-    arch = resolve(reference)
     for kind in CHANNELS:
-        thresholds = module.sparsifier.selectors[kind].thresholds
-        for layer in range(arch.num_layers):
-            for projection in arch.site_modules(UNIT_KINDS[kind].site, layer):
-
-                def mask(mod, args, t=float(thresholds[layer])):
-                    x = args[0]
-                    if x.numel() != x.shape[-1]:
-                        return None  # the prompt runs dense
-                    return (x * (x.abs() >= t).to(x.dtype),)
-
-                projection.register_forward_pre_hook(mask)
+        mask_decode_inputs(reference, kind, module.sparsifier.selectors[kind].thresholds)
     ids = tokenizer("The three primary colors are", return_tensors="pt")
 
     def greedy(m) -> list[int]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_TYPES, by_hand, decode_logits, static_cache_step, tiny_model
+from conftest import (
+    ARCH_TYPES,
+    by_hand,
+    decode_logits,
+    rescore_decode_logits,
+    static_cache_step,
+    tiny_model,
+)
 
 from sparse_lightning import SparseActivationModule, SparsityConfig, resolve
 from sparse_lightning.inference import Sparsifier
@@ -120,17 +127,7 @@ def masked_head_decode(model_type: str, level: float, candidates: int) -> torch.
     model = tiny_model(model_type)
     head = model.get_output_embeddings()
     keep = max(1, head.in_features - round(level * head.in_features))
-
-    def rescore(module, args, output):
-        x = args[0]
-        if x.numel() != x.shape[-1]:  # the prompt: dense
-            return None
-        t = x.abs().sort(dim=-1, descending=True).values[..., keep - 1 : keep]
-        approx = F.linear(x * (x.abs() >= t).to(x.dtype), module.weight, module.bias)
-        index = approx.topk(candidates, dim=-1).indices
-        return approx.scatter(-1, index, output.gather(-1, index))
-
-    head.register_forward_hook(rescore)
+    rescore_decode_logits(head, keep, candidates)
     return decode_logits(model, PROMPT)
 
 
