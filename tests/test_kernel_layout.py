@@ -67,7 +67,7 @@ def test_transposed_rows_holds_the_parts_side_by_side_in_a_new_storage(dtype):
     assert transposed_rows([single]).is_contiguous()
 
 
-@pytest.mark.parametrize("out", [5, 256, 4200])  # 4200: the threads split the columns
+@pytest.mark.parametrize("out", [5, 256, 4200, 16400])  # 16400: the threads split the columns
 def test_the_ops_read_padded_rows_like_a_hand_computation(out):
     g = torch.Generator().manual_seed(out)
     storage = torch.randn(40, out + 64, generator=g)

@@ -64,8 +64,9 @@ KEPT_PATTERNS = {
 
 @pytest.mark.parametrize("pattern", KEPT_PATTERNS)
 #: Output widths: 0 to 262 whole blocks of 16 columns, odd and even counts, with and without a
-#: remainder, rows split between threads (narrow) and columns split (4200, wide).
-@pytest.mark.parametrize("out", [5, 40, 53, 200, 4200])
+#: remainder, rows split between threads (up to 16384 columns, sparse_rows.h's kRowSplitColumns)
+#: and columns split (16400).
+@pytest.mark.parametrize("out", [5, 40, 53, 200, 4200, 16400])
 def test_kernel_equals_a_hand_computation_for_every_pattern_of_kept_rows(pattern, out):
     in_features = 83
     g = torch.Generator().manual_seed(out)
@@ -113,13 +114,31 @@ def test_buffers_reused_across_calls_of_every_size_give_the_hand_computation():
     """The kernel keeps its per-call buffers between calls and grows them on demand: calls
     that alternate small and large inputs and outputs, row and column splits, both ops."""
     g = torch.Generator().manual_seed(3)
-    for in_features, out in [(8, 6), (300, 4500), (20, 30), (700, 90), (8, 5000), (5, 3)]:
+    sizes = [(8, 6), (300, 4500), (20, 30), (40, 16500), (700, 90), (8, 17000), (5, 3)]
+    for in_features, out in sizes:
         weight_t = torch.randn(in_features, out, generator=g, dtype=torch.float64)
         x = torch.randn(2, in_features, generator=g, dtype=torch.float64)
         torch.testing.assert_close(load()(x, weight_t, 0.8, None), by_hand(x, weight_t, 0.8, None))
         keep = in_features // 3
         kept = x * (x.abs() >= x.abs().topk(keep, -1).values[:, -1:])
         torch.testing.assert_close(load_topk()(x, weight_t, keep, None), kept @ weight_t)
+
+
+def test_eight_threads_add_their_partial_rows_like_a_hand_computation():
+    """Past sparse_rows.h's kSerialSum (65536 partial sums), the threads of the row split add
+    their partial rows together, each a run of columns: 8 threads x 9000 columns."""
+    g = torch.Generator().manual_seed(5)
+    weight_t = torch.randn(150, 9000, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 150, generator=g, dtype=torch.float64)
+    bias = torch.randn(9000, generator=g, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        for t in (0.0, 0.9):
+            got = load()(x, weight_t, t, bias)
+            torch.testing.assert_close(got, by_hand(x, weight_t, t, bias))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_a_cpp_wrapper_step_calls_the_kernel_as_a_c_function():
@@ -244,7 +263,7 @@ def test_narrower_builds_equal_the_hand_computation(isa, tmp_path):
         assert compiled()
         print(cpu_flags())
         g = torch.Generator().manual_seed(0)
-        for inputs, outputs in ((37, 29), (96, 5000), (200, 80)):
+        for inputs, outputs in ((37, 29), (96, 5000), (24, 16500), (200, 80)):
             w = torch.randn(inputs, outputs, generator=g)
             x = torch.randn(2, inputs, generator=g)
             bias = torch.randn(outputs, generator=g)

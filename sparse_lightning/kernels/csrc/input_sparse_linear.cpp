@@ -4,10 +4,10 @@
 //
 // W_t is the weight stored transposed, (in_features, out_features) with rows contiguous, so
 // the weights of a dropped channel (one row) are never read. The threshold is applied here
-// (no index tensor is built by the caller). Threads (at::parallel_for) split the output
-// columns of a wide projection, each streaming the kept rows' segment of its columns, or the
-// kept rows of a narrow one, each into its own partial sum; sixteen rows at a time with
-// AVX-512 where compiled for it, else eight with AVX2/FMA.
+// (no index tensor is built by the caller). Threads (at::parallel_for) split the kept rows,
+// each summing its run into its own partial row, or, past kRowSplitColumns output columns,
+// the columns, each streaming the kept rows' segment of its columns; sixteen rows at a time
+// with AVX-512 where compiled for it, else eight with AVX2/FMA.
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
@@ -35,7 +35,7 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
   const int64_t ld = weight_t.stride(0);
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t threads = at::get_num_threads();
-  const bool split_rows = out < kColumnsPerThread * threads;
+  const bool split_rows = out <= kRowSplitColumns;
   Scratch<T>& s = scratch_of<T>(in, split_rows ? threads * out : 0, keep >= 0 ? in : 0);
   int64_t* index = s.index.data();
   T* value = s.value.data();
@@ -65,14 +65,21 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
         accumulate(acc, wp, ld, index, value, first, std::min(kept, first + run_length), out);
       }
     });
-    for (int64_t c = 0; c < out; ++c) {
-      yr[c] = bp != nullptr ? bp[c] : T(0);
-    }
-    for (int64_t p = 0; p < threads; ++p) {
-      const T* acc = partial + p * out;
-      for (int64_t c = 0; c < out; ++c) {
-        yr[c] += acc[c];
+    const auto sum = [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        yr[c] = bp != nullptr ? bp[c] : T(0);
       }
+      for (int64_t p = 0; p < threads; ++p) {
+        const T* acc = partial + p * out;
+        for (int64_t c = begin; c < end; ++c) {
+          yr[c] += acc[c];
+        }
+      }
+    };
+    if (threads * out > kSerialSum) {
+      at::parallel_for(0, out, kGrain, sum);
+    } else {
+      sum(0, out);
     }
   }
 }

@@ -222,11 +222,19 @@ inline T token_threshold(const T* x, int64_t in, T threshold, int64_t keep,
 
 // Columns per parallel task: a multiple of the vector width.
 constexpr int64_t kGrain = 64;
-// Below this many output columns per thread, threads split the kept rows instead of the
-// columns: a column slice of a narrow output is too short to stream well. Measured on 2 threads
-// (2026-11-25): SmolLM2's gate|up (3072 columns) streams 1.08-1.17x faster at 0% and
-// 1.02-1.05x at 50% skipped with whole rows; Qwen's (9728) is even either way.
-constexpr int64_t kColumnsPerThread = 2048;
+// Up to this many output columns, threads split the kept rows (each summing its own run of
+// whole rows into a partial row) instead of the columns (each reading its slice of every kept
+// row): threads then stream disjoint stretches of the weight, and rows are read whole.
+// Measured on 2 threads: on Zen 3 (2026-11-25) SmolLM2's gate|up (3072 columns) 1.08-1.17x
+// faster at 0% and 1.02-1.05x at 50% skipped, Qwen's (9728) even; on Zen 4 (2026-12-06, padded
+// rows) Qwen's gate|up 1.00-1.13x faster on the model's decode inputs and its tuned decode at
+// top-1 0.90 1.03-1.05x faster (docs/performance.md, "Whole rows"). The lm_head ops
+// (sparse_logits.cpp) keep the column split: each thread ranks the logits of its columns.
+constexpr int64_t kRowSplitColumns = 16384;
+// Above this many partial sums (threads x columns) the threads add the partial rows together,
+// each a run of columns; below it (every projection of both models on 2 threads) the calling
+// thread adds them alone, without a second parallel region.
+constexpr int64_t kSerialSum = 65536;
 
 // Per-call buffers, kept per calling thread and grown on demand: a decode step calls the op
 // some hundred times, and allocating and zero-filling them on each call showed in profiles.
