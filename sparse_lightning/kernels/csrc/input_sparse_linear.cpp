@@ -45,9 +45,7 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
     T* yr = yp + r * out;
     if (!split_rows) {
       at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          yr[c] = bp != nullptr ? bp[c] : T(0);
-        }
+        start_with_bias(yr, bp, begin, end);
         accumulate(yr + begin, wp + begin, ld, index, value, 0, kept, end - begin);
       });
       continue;
@@ -66,9 +64,7 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
       }
     });
     const auto sum = [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        yr[c] = bp != nullptr ? bp[c] : T(0);
-      }
+      start_with_bias(yr, bp, begin, end);
       for (int64_t p = 0; p < threads; ++p) {
         const T* acc = partial + p * out;
         for (int64_t c = begin; c < end; ++c) {

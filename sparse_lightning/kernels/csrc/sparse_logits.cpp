@@ -130,9 +130,7 @@ std::vector<int64_t> approximate(T* yr, const W* wp, int64_t ld, const T* bp, co
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t first = std::min(out, p * chunk), last = std::min(out, first + chunk);
-      for (int64_t c = first; c < last; ++c) {
-        yr[c] = bp != nullptr ? bp[c] : T(0);
-      }
+      start_with_bias(yr, bp, first, last);
       accumulate(yr + first, wp + first, ld, index, value, 0, kept, last - first);
       found[p] = std::min(k, last - first);
       top_of_slice(yr, first, last, found[p], ls.candidate_value.data() + p * k,

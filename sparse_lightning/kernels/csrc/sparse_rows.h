@@ -91,6 +91,14 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   }
 }
 
+// y[begin:end] = bias[begin:end], or zeros without a bias: where the kept rows' sums start.
+template <typename T>
+inline void start_with_bias(T* y, const T* bias, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    y[c] = bias != nullptr ? bias[c] : T(0);
+  }
+}
+
 // Kept rows streamed at once: with AVX-512, sixteen (measured on Zen 4, 2026-12-06: 1.08-1.25x
 // faster than eight on the narrow shapes of both models, at 0% and 50% skipped; 24 or 32 were
 // 1.5-2x slower); with AVX2's sixteen registers, eight (more spill).
