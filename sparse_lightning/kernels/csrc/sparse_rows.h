@@ -178,10 +178,33 @@ inline int64_t kept_channels(const T* x, int64_t in, T t, int64_t* index, T* val
   return count;
 }
 
+// With AVX-512, sixteen channels at a time are compressed into place; each block writes up to
+// kVectorSlack entries past the last kept one, so index and value hold in + kVectorSlack.
+// The AVX2 loop below takes a branch per kept channel: in SmolLM2's tuned decode at top-1 0.90
+// (2026-12-06, timestamps per call) the 120 calls of a step spent 0.21 ms finding their kept
+// channels with it (2.9 us for the down input's 1536), 0.07 ms with the compress (0.9 us).
+constexpr int64_t kVectorSlack = 16;
+
 template <>
 inline int64_t kept_channels(const float* x, int64_t in, float t, int64_t* index, float* value) {
   int64_t count = 0, i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  const __m512 threshold = _mm512_set1_ps(t);
+  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; i + 16 <= in; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(v), threshold, _CMP_GE_OQ);
+    // Compressing in registers, then a plain store: Zen 4 compresses into memory slowly.
+    _mm512_storeu_ps(value + count, _mm512_maskz_compress_ps(keep, v));
+    const __mmask8 low = static_cast<__mmask8>(keep), high = static_cast<__mmask8>(keep >> 8);
+    const __m512i first = _mm512_add_epi64(_mm512_set1_epi64(i), iota);
+    _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi64(low, first));
+    count += __builtin_popcount(low);
+    const __m512i second = _mm512_add_epi64(_mm512_set1_epi64(i + 8), iota);
+    _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi64(high, second));
+    count += __builtin_popcount(high);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
   const __m256 threshold = _mm256_set1_ps(t);
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (; i + 8 <= in; i += 8) {
@@ -255,9 +278,9 @@ struct Scratch {
 template <typename T>
 Scratch<T>& scratch_of(int64_t in, int64_t partial, int64_t magnitude) {
   thread_local Scratch<T> s;
-  if (static_cast<int64_t>(s.index.size()) < in) {
-    s.index.resize(in);
-    s.value.resize(in);
+  if (static_cast<int64_t>(s.index.size()) < in + kVectorSlack) {
+    s.index.resize(in + kVectorSlack);
+    s.value.resize(in + kVectorSlack);
   }
   if (static_cast<int64_t>(s.partial.size()) < partial) {
     s.partial.resize(partial);
