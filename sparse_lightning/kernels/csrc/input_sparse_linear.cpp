@@ -51,16 +51,14 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
       continue;
     }
     // Thread p sums the p-th run of kept rows (whole groups of kRows) into its own partial
-    // row, zeroed by the thread itself, so every partial row is written even when p's run is
-    // empty.
+    // row, written whole by the thread itself (fresh), even when p's run is empty.
     const int64_t run_length = ((kept + threads - 1) / threads + kRows - 1) / kRows * kRows;
     T* partial = s.partial.data();
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        T* acc = partial + p * out;
-        std::fill(acc, acc + out, T(0));
         const int64_t first = std::min(kept, p * run_length);
-        accumulate(acc, wp, ld, index, value, first, std::min(kept, first + run_length), out);
+        accumulate(partial + p * out, wp, ld, index, value, first,
+                   std::min(kept, first + run_length), out, true);
       }
     });
     const auto sum = [&](int64_t begin, int64_t end) {

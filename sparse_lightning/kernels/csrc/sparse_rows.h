@@ -21,11 +21,12 @@ namespace sparse_rows {
 // acc[0:n] += sum over j < R of v[j] * rows[j][0:n]: R rows streamed at once, so R memory
 // streams are in flight and acc is loaded and stored once per R rows. The rows may be stored
 // in a narrower type W than the sums (bfloat16 rows of an approximation, summed in float).
-template <int R, typename T, typename W>
+// With Fresh, acc = the sum: acc is written without being read (a first group).
+template <int R, bool Fresh = false, typename T, typename W>
 inline void axpy(T* acc, const W* const* rows, const T* v, int64_t n) {
   int64_t c = 0;
   for (; c < n; ++c) {
-    T s = acc[c];
+    T s = Fresh ? T(0) : acc[c];
     for (int j = 0; j < R; ++j) {
       s += v[j] * static_cast<T>(rows[j][c]);
     }
@@ -50,7 +51,7 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 #endif
 
-template <int R, typename W>
+template <int R, bool Fresh = false, typename W>
 inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   int64_t c = 0;
 #if defined(__AVX512F__)
@@ -60,7 +61,7 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
     a[j] = _mm512_set1_ps(v[j]);
   }
   for (; c + 16 <= n; c += 16) {
-    __m512 s = _mm512_loadu_ps(acc + c);
+    __m512 s = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c);
     for (int j = 0; j < R; ++j) {
       s = _mm512_fmadd_ps(a[j], load16(rows[j] + c), s);
     }
@@ -72,8 +73,8 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
     a[j] = _mm256_set1_ps(v[j]);
   }
   for (; c + 16 <= n; c += 16) {
-    __m256 s = _mm256_loadu_ps(acc + c);
-    __m256 t = _mm256_loadu_ps(acc + c + 8);
+    __m256 s = Fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + c);
+    __m256 t = Fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + c + 8);
     for (int j = 0; j < R; ++j) {
       s = _mm256_fmadd_ps(a[j], load8(rows[j] + c), s);
       t = _mm256_fmadd_ps(a[j], load8(rows[j] + c + 8), t);
@@ -83,7 +84,7 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   }
 #endif
   for (; c < n; ++c) {
-    float s = acc[c];
+    float s = Fresh ? 0.0f : acc[c];
     for (int j = 0; j < R; ++j) {
       s += v[j] * static_cast<float>(rows[j][c]);
     }
@@ -108,12 +109,26 @@ constexpr int kRows = 16;
 constexpr int kRows = 8;
 #endif
 
-// acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n].
+// acc[0:n] += sum over kept rows k in [first, last) of value[k] * w[index[k] * ld + 0:n], or
+// (fresh) acc[0:n] = that sum. A fresh run writes its first group's sums without reading acc:
+// a partial row that another core read last (the threads' partial rows, see
+// input_sparse_linear.cpp) is then claimed by the stores of the first group, while its rows
+// stream, instead of by a pass of zeros before it (in SmolLM2's tuned decode, 2026-12-06, the
+// second thread's zeros took 0.6-4.5 us per call when the two cores shared no cache).
 template <typename T, typename W>
 inline void accumulate(T* acc, const W* w, int64_t ld, const int64_t* index, const T* value,
-                       int64_t first, int64_t last, int64_t n) {
+                       int64_t first, int64_t last, int64_t n, bool fresh = false) {
   const W* rows[kRows];
   int64_t k = first;
+  if (fresh && k + kRows <= last) {
+    for (int j = 0; j < kRows; ++j) {
+      rows[j] = w + index[k + j] * ld;
+    }
+    axpy<kRows, true>(acc, rows, value + k, n);
+    k += kRows;
+  } else if (fresh) {
+    std::fill(acc, acc + n, T(0));
+  }
   for (; k + kRows <= last; k += kRows) {
     for (int j = 0; j < kRows; ++j) {
       rows[j] = w + index[k + j] * ld;
