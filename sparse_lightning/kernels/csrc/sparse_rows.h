@@ -114,7 +114,8 @@ constexpr int kRows = 8;
 // a partial row that another core read last (the threads' partial rows, see
 // input_sparse_linear.cpp) is then claimed by the stores of the first group, while its rows
 // stream, instead of by a pass of zeros before it (in SmolLM2's tuned decode, 2026-12-06, the
-// second thread's zeros took 0.6-4.5 us per call when the two cores shared no cache).
+// second thread's zeros took 0.6-4.5 us per call in the machine's fast spell, when hand-overs
+// between the cores were slow).
 template <typename T, typename W>
 inline void accumulate(T* acc, const W* w, int64_t ld, const int64_t* index, const T* value,
                        int64_t first, int64_t last, int64_t n, bool fresh = false) {
