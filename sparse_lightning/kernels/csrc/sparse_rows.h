@@ -121,30 +121,30 @@ inline void accumulate(T* acc, const W* w, int64_t ld, const int64_t* index, con
                        int64_t first, int64_t last, int64_t n, bool fresh = false) {
   const W* rows[kRows];
   int64_t k = first;
-  if (fresh && k + kRows <= last) {
-    for (int j = 0; j < kRows; ++j) {
+  // rows[0:count] = the weight rows of kept rows k, k + 1, ...
+  const auto point = [&](int count) {
+    for (int j = 0; j < count; ++j) {
       rows[j] = w + index[k + j] * ld;
     }
+  };
+  if (fresh && k + kRows <= last) {
+    point(kRows);
     axpy<kRows, true>(acc, rows, value + k, n);
     k += kRows;
   } else if (fresh) {
     std::fill(acc, acc + n, T(0));
   }
   for (; k + kRows <= last; k += kRows) {
-    for (int j = 0; j < kRows; ++j) {
-      rows[j] = w + index[k + j] * ld;
-    }
+    point(kRows);
     axpy<kRows>(acc, rows, value + k, n);
   }
   if (kRows > 8 && k + 8 <= last) {
-    for (int j = 0; j < 8; ++j) {
-      rows[j] = w + index[k + j] * ld;
-    }
+    point(8);
     axpy<8>(acc, rows, value + k, n);
     k += 8;
   }
   for (; k < last; ++k) {
-    rows[0] = w + index[k] * ld;
+    point(1);
     axpy<1>(acc, rows, value + k, n);
   }
 }
