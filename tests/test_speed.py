@@ -106,3 +106,33 @@ def test_by_speed_ranks_repetitions_by_the_baselines_time():
     assert by_speed(seconds, ratios) == pytest.approx({"fast": 0.15, "middle": 0.35, "slow": 0.55})
     # Fewer than three repetitions: the thirds overlap instead of going empty.
     assert by_speed([2.0, 1.0], [0.2, 0.1]) == pytest.approx({"fast": 0.1, "slow": 0.2})
+
+
+def test_placement_groups_runs_by_the_hand_over_time():
+    from benchmarks.placement import summarize
+
+    def run(handover, dense, sparse):
+        return {
+            "handover_ns": handover,
+            "read_gbs_1_thread": 20.0,
+            "read_gbs_2_threads": 30.0 if handover > 100 else 25.0,
+            "dense_ms_per_step": dense,
+            "sparse_ms_per_step": sparse,
+            "decode_speedup": dense / sparse,
+        }
+
+    runs = [run(30, 20.0, 15.0), run(160, 14.0, 12.0), run(40, 21.0, 15.0), run(28, 19.0, 15.0)]
+    near, far = summarize(runs, far_ns=100)
+    assert (near["placement"], near["runs"], far["placement"], far["runs"]) == (
+        "one die",
+        3,
+        "two dies",
+        1,
+    )
+    assert near["handover_ns"] == 30 and near["read_gbs_2_threads"] == 25.0
+    assert near["dense_ms_per_step"] == 20.0 and near["sparse_ms_per_step"] == 15.0
+    assert near["decode_speedup"] == pytest.approx(20 / 15)
+    assert near["decode_speedup_range"] == pytest.approx([19 / 15, 21 / 15])
+    assert far["decode_speedup"] == pytest.approx(14 / 12) and far["read_gbs_2_threads"] == 30.0
+    assert summarize(runs[:1], far_ns=100)[0]["placement"] == "one die"  # no empty group
+    assert len(summarize(runs[:1], far_ns=100)) == 1
