@@ -251,8 +251,8 @@ def test_an_unknown_instruction_set_is_refused(monkeypatch):
 def test_narrower_builds_equal_the_hand_computation(isa, tmp_path):
     """The kernel built for AVX2 (eight rows at a time) or without SIMD flags, beside this
     CPU's own build: the row and column splits, the top-k and both logits ops equal the
-    float64 hand computation (the AVX-512 path, where this CPU has it, is the one the other
-    tests run)."""
+    float64 hand computation, and the linear and rotated ops in bfloat16 and float16 its
+    rounding (the AVX-512 path, where this CPU has it, is the one the other tests run)."""
     script = textwrap.dedent(
         """
         import torch
@@ -285,6 +285,18 @@ def test_narrower_builds_equal_the_hand_computation(isa, tmp_path):
             rotated = approx.scatter(-1, index, (x @ w).gather(-1, index))
             got = load_rotated()(xq, approx_t, keep, 4, x, w.T.contiguous(), None)
             torch.testing.assert_close(got, rotated, rtol=1e-5, atol=1e-5)
+            for dtype in (torch.bfloat16, torch.float16):  # rounded once from float sums
+                tol = dict(rtol=torch.finfo(dtype).eps / 2 + 1e-6, atol=1e-5)
+                xh, wh, bh = x.to(dtype), w.to(dtype), bias.to(dtype)
+                got = load()(xh, wh, 0.75, bh).double()
+                torch.testing.assert_close(got, by_hand(xh, wh, 0.75, bh), **tol)
+                xqh, ah, weight = xq.to(dtype), approx_t.to(dtype), wh.T.contiguous()
+                got = load_rotated()(xqh, ah, keep, 4, xh, weight, None).double()
+                t = xqh.abs().topk(keep, -1).values[:, -1:]
+                approx = (xqh * (xqh.abs() >= t)).double() @ ah.double()
+                index = approx.topk(4).indices
+                exact = (xh.double() @ wh.double()).gather(-1, index)
+                torch.testing.assert_close(got, approx.scatter(-1, index, exact), **tol)
         print("ok")
         """
     )

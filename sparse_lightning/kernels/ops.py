@@ -12,6 +12,9 @@ recomputed exactly (:func:`reference_logits`). ``rotated_logits(x_rot, approx_t,
 candidates, x, weight, bias)`` does the same from an input and a weight in another basis
 (``approx_t`` may be bfloat16), the candidates' exact logits from ``weight``'s own rows
 (:func:`reference_rotated_logits`).
+All four take float32, float64, bfloat16 or float16 tensors (a model's own type): the two-byte
+types stream half the bytes, are summed in float32 and rounded once per output, as ATen's
+matmul of them is. Other types, devices or layouts run the same math with ATen operators.
 The C++ source (``csrc/input_sparse_linear.cpp``) is compiled with
 ``torch.utils.cpp_extension`` the first time :func:`load` runs (AVX2/FMA when this CPU has
 them, OpenMP threads through ``at::parallel_for``) and cached by torch's extension cache. A
@@ -222,9 +225,9 @@ ISAS = ("native", "avx2", "generic")
 
 
 def cpu_flags() -> list[str]:
-    """Compiler flags for this CPU: AVX2 and FMA where ``/proc/cpuinfo`` lists both, and
-    AVX-512F beside them where it lists that too; ``SPARSE_LIGHTNING_KERNEL_ISA`` (one of
-    :data:`ISAS`) caps them."""
+    """Compiler flags for this CPU: AVX2 and FMA where ``/proc/cpuinfo`` lists both (with
+    F16C, half-precision conversion, where it lists it), and AVX-512F beside them where it
+    lists that too; ``SPARSE_LIGHTNING_KERNEL_ISA`` (one of :data:`ISAS`) caps them."""
     isa = os.environ.get("SPARSE_LIGHTNING_KERNEL_ISA", "native")
     if isa not in ISAS:
         raise ValueError(f"SPARSE_LIGHTNING_KERNEL_ISA must be one of {ISAS}, got {isa!r}.")
@@ -235,7 +238,12 @@ def cpu_flags() -> list[str]:
         flags = set()
     if isa == "generic" or not {"avx2", "fma"} <= flags:
         return []
-    return ["-mavx2", "-mfma", *(["-mavx512f"] if "avx512f" in flags and isa == "native" else [])]
+    return [
+        "-mavx2",
+        "-mfma",
+        *(["-mf16c"] if "f16c" in flags else []),
+        *(["-mavx512f"] if "avx512f" in flags and isa == "native" else []),
+    ]
 
 
 def isa_suffix(flags: list[str]) -> str:

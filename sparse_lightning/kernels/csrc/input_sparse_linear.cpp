@@ -19,34 +19,45 @@ namespace {
 
 using namespace sparse_rows;
 
-// The kernel proper, for float (AVX2/FMA) and double (a plain loop the compiler vectorizes):
-// double lets tests compare with a masked reference without float32's rounding flipping a
-// channel that sits at the threshold.
-template <typename T>
-void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t keep,
+// The kernel proper. T is the sums' type: float (AVX2/FMA), or double (a plain loop the
+// compiler vectorizes; it lets tests compare with a masked reference without float32's
+// rounding flipping a channel that sits at the threshold). W is the type x, the weight, the
+// bias and y are stored in: T itself, or bfloat16 or half summed in float and rounded to W
+// once per output, as ATen's own matmul of those types does; the rows then stream half the
+// bytes.
+template <typename T, typename W = T>
+void run(const at::Tensor& x, const at::Tensor& weight_t, double threshold, int64_t keep,
          const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  constexpr bool same = std::is_same_v<T, W>;
   const int64_t in = weight_t.size(0), out = weight_t.size(1);
   const auto xc = x.contiguous();
   const auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const T* xp = xc.data_ptr<T>();
-  const T* wp = weight_t.data_ptr<T>();
-  const T* bp = bc.has_value() ? bc->data_ptr<T>() : nullptr;
-  T* yp = y.data_ptr<T>();
+  const W* xp = xc.data_ptr<W>();
+  const W* wp = weight_t.data_ptr<W>();
+  W* yp = y.data_ptr<W>();
   const int64_t ld = weight_t.stride(0);
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t threads = at::get_num_threads();
   const bool split_rows = out <= kRowSplitColumns;
-  Scratch<T>& s = scratch_of<T>(in, split_rows ? threads * out : 0, keep >= 0 ? in : 0);
+  // Room past the partial rows for the sums of y's row when y is narrower than T.
+  const int64_t sums = same ? 0 : out;
+  Scratch<T>& s = scratch_of<T>(in, (split_rows ? threads * out : 0) + sums, keep >= 0 ? in : 0,
+                                same ? 0 : in + out);
   int64_t* index = s.index.data();
   T* value = s.value.data();
+  const T* bp = bc.has_value() ? widened<T>(bc->data_ptr<W>(), out, s.wide.data() + in) : nullptr;
+  const T threshold_w = threshold_of<T, W>(threshold);
   for (int64_t r = 0; r < tokens; ++r) {
-    const T t = token_threshold<T>(xp + r * in, in, threshold, keep, s.magnitude);
-    const int64_t kept = kept_channels<T>(xp + r * in, in, t, index, value);
-    T* yr = yp + r * out;
+    const T* xr = widened<T>(xp + r * in, in, s.wide.data());
+    const T t = token_threshold<T>(xr, in, threshold_w, keep, s.magnitude);
+    const int64_t kept = kept_channels<T>(xr, in, t, index, value);
+    W* yw = yp + r * out;
+    T* yr = sums_of<T>(yw, s.partial.data() + (same ? 0 : s.partial.size() - out));
     if (!split_rows) {
       at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
         start_with_bias(yr, bp, begin, end);
         accumulate(yr + begin, wp + begin, ld, index, value, 0, kept, end - begin);
+        narrowed(yr, yw, begin, end);
       });
       continue;
     }
@@ -69,6 +80,7 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, T threshold, int64_t k
           yr[c] += acc[c];
         }
       }
+      narrowed(yr, yw, begin, end);
     };
     if (threads * out > kSerialSum) {
       at::parallel_for(0, out, kGrain, sum);
@@ -91,9 +103,9 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, double
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   const auto dtype = x.scalar_type();
-  const bool fast = (dtype == at::kFloat || dtype == at::kDouble) &&
-                    weight_t.scalar_type() == dtype && weight_t.stride(1) == 1 &&
-                    x.device().is_cpu() && (!bias.has_value() || bias->scalar_type() == dtype);
+  const bool fast = kernel_dtype(dtype) && weight_t.scalar_type() == dtype &&
+                    weight_t.stride(1) == 1 && x.device().is_cpu() &&
+                    (!bias.has_value() || bias->scalar_type() == dtype);
   if (!fast) {
     // Other dtypes and layouts: the same math with ATen operators (reads every weight).
     auto magnitude = x.abs();
@@ -112,8 +124,12 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, double
     return bias.has_value() ? y + *bias : y;
   }
   auto y = at::empty(sizes, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    run<float>(x, weight_t, static_cast<float>(threshold), keep, bias, y);
+  if (dtype == at::kFloat) {
+    run<float>(x, weight_t, threshold, keep, bias, y);
+  } else if (dtype == at::kBFloat16) {
+    run<float, c10::BFloat16>(x, weight_t, threshold, keep, bias, y);
+  } else if (dtype == at::kHalf) {
+    run<float, c10::Half>(x, weight_t, threshold, keep, bias, y);
   } else {
     run<double>(x, weight_t, threshold, keep, bias, y);
   }

@@ -140,27 +140,31 @@ std::vector<int64_t> approximate(T* yr, const W* wp, int64_t ld, const T* bp, co
   return found;
 }
 
-template <typename T>
+// T: the sums' type; W: the type x, the weight, the bias and y are stored in (T, or bfloat16
+// or half summed in float: sparse_rows.h, widened).
+template <typename T, typename W = T>
 void run_logits(const at::Tensor& x, const at::Tensor& weight_t, int64_t keep,
                 int64_t candidates, const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  constexpr bool same = std::is_same_v<T, W>;
   const int64_t in = weight_t.size(0), out = weight_t.size(1);
   const auto xc = x.contiguous();
   const auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const T* xp = xc.data_ptr<T>();
-  const T* wp = weight_t.data_ptr<T>();
-  const T* bp = bc.has_value() ? bc->data_ptr<T>() : nullptr;
-  T* yp = y.data_ptr<T>();
+  const W* xp = xc.data_ptr<W>();
+  const W* wp = weight_t.data_ptr<W>();
+  W* yp = y.data_ptr<W>();
   const int64_t ld = weight_t.stride(0);
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t k = std::min(candidates, out);
   const int64_t tasks = logit_tasks(out, k);
-  Scratch<T>& s = scratch_of<T>(in, 0, in);
+  Scratch<T>& s = scratch_of<T>(in, same ? 0 : out, in, same ? 0 : in + out);
   LogitsScratch<T>& ls = logits_scratch<T>(in, tasks, k);
   int64_t* index = s.index.data();
   T* value = s.value.data();
+  const T* bp = bc.has_value() ? widened<T>(bc->data_ptr<W>(), out, s.wide.data() + in) : nullptr;
   for (int64_t r = 0; r < tokens; ++r) {
-    const T* xr = xp + r * in;
-    T* yr = yp + r * out;
+    const T* xr = widened<T>(xp + r * in, in, s.wide.data());
+    W* yw = yp + r * out;
+    T* yr = sums_of<T>(yw, s.partial.data());
     const T t = token_threshold<T>(xr, in, T(0), keep, s.magnitude);
     const int64_t kept = kept_channels<T>(xr, in, t, index, value);
     const int64_t dropped =
@@ -169,6 +173,7 @@ void run_logits(const at::Tensor& x, const at::Tensor& weight_t, int64_t keep,
         approximate(yr, wp, ld, bp, index, value, kept, out, k, tasks, ls);
     const std::vector<int64_t> column = merge_candidates(ls, found, k);
     if (dropped == 0) {
+      narrowed(yr, yw, 0, out);
       continue;  // nothing was left out: the approximations are exact
     }
     // Exact values: each thread adds a run of the dropped rows' candidate weights.
@@ -184,15 +189,15 @@ void run_logits(const at::Tensor& x, const at::Tensor& weight_t, int64_t keep,
         const int64_t last = std::min(dropped, first + run_length);
         for (int64_t d = first; d < last; ++d) {
           if (d + kPrefetchRows < last) {
-            const T* ahead = wp + drop_index[d + kPrefetchRows] * ld;
+            const W* ahead = wp + drop_index[d + kPrefetchRows] * ld;
             for (int64_t j = 0; j < k; ++j) {
               __builtin_prefetch(ahead + column[j], 0, 0);
             }
           }
-          const T* row = wp + drop_index[d] * ld;
+          const W* row = wp + drop_index[d] * ld;
           const T v = drop_value[d];
           for (int64_t j = 0; j < k; ++j) {
-            acc[j] += v * row[column[j]];
+            acc[j] += v * static_cast<T>(row[column[j]]);
           }
         }
       }
@@ -204,6 +209,7 @@ void run_logits(const at::Tensor& x, const at::Tensor& weight_t, int64_t keep,
       }
       yr[column[j]] += sum;
     }
+    narrowed(yr, yw, 0, out);
   }
 }
 
@@ -239,9 +245,9 @@ at::Tensor input_sparse_logits(const at::Tensor& x, const at::Tensor& weight_t, 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be (out_features,)");
   }
   const auto dtype = x.scalar_type();
-  const bool fast = (dtype == at::kFloat || dtype == at::kDouble) &&
-                    weight_t.scalar_type() == dtype && weight_t.stride(1) == 1 && out > 0 &&
-                    x.device().is_cpu() && (!bias.has_value() || bias->scalar_type() == dtype);
+  const bool fast = kernel_dtype(dtype) && weight_t.scalar_type() == dtype &&
+                    weight_t.stride(1) == 1 && out > 0 && x.device().is_cpu() &&
+                    (!bias.has_value() || bias->scalar_type() == dtype);
   if (!fast) {
     return aten_logits(x, weight_t, keep, candidates, at::linear(x, weight_t.t(), bias), bias);
   }
@@ -250,6 +256,10 @@ at::Tensor input_sparse_logits(const at::Tensor& x, const at::Tensor& weight_t, 
   auto y = at::empty(sizes, x.options());
   if (dtype == at::kFloat) {
     run_logits<float>(x, weight_t, keep, candidates, bias, y);
+  } else if (dtype == at::kBFloat16) {
+    run_logits<float, c10::BFloat16>(x, weight_t, keep, candidates, bias, y);
+  } else if (dtype == at::kHalf) {
+    run_logits<float, c10::Half>(x, weight_t, keep, candidates, bias, y);
   } else {
     run_logits<double>(x, weight_t, keep, candidates, bias, y);
   }
@@ -257,35 +267,40 @@ at::Tensor input_sparse_logits(const at::Tensor& x, const at::Tensor& weight_t, 
 }
 
 // rotated_logits: approximate logits from x_rot's keep largest channels and the kept rows of
-// approx_t (W, the weight's element type, may be narrower than T), then the candidates
-// largest recomputed exactly as weight[c] . x + bias[c].
-template <typename T, typename W>
+// approx_t (A, its element type, may be narrower than T), then the candidates largest
+// recomputed exactly as weight[c] . x + bias[c]. W: the type x_rot, x, the weight, the bias
+// and y are stored in (as in run_logits).
+template <typename T, typename A, typename W = T>
 void run_rotated(const at::Tensor& x_rot, const at::Tensor& approx_t, int64_t keep,
                  int64_t candidates, const at::Tensor& x, const at::Tensor& weight,
                  const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  constexpr bool same = std::is_same_v<T, W>;
   const int64_t in = approx_t.size(0), out = approx_t.size(1), width = weight.size(1);
   const auto xrc = x_rot.contiguous();
   const auto xc = x.contiguous();
   const auto bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  const T* xrp = xrc.data_ptr<T>();
-  const T* xp = xc.data_ptr<T>();
-  const W* ap = approx_t.data_ptr<W>();
-  const T* wp = weight.data_ptr<T>();
-  const T* bp = bc.has_value() ? bc->data_ptr<T>() : nullptr;
-  T* yp = y.data_ptr<T>();
+  const W* xrp = xrc.data_ptr<W>();
+  const W* xp = xc.data_ptr<W>();
+  const A* ap = approx_t.data_ptr<A>();
+  const W* wp = weight.data_ptr<W>();
+  W* yp = y.data_ptr<W>();
   const int64_t ld = approx_t.stride(0), wld = weight.stride(0);
   const int64_t tokens = in == 0 ? 0 : xrc.numel() / in;
   const int64_t k = std::min(candidates, out);
   const int64_t tasks = logit_tasks(out, k);
-  Scratch<T>& s = scratch_of<T>(in, 0, in);
+  // wide: x_rot's token, x's token, the bias.
+  Scratch<T>& s = scratch_of<T>(in, same ? 0 : out, in, same ? 0 : in + width + out);
   LogitsScratch<T>& ls = logits_scratch<T>(in, tasks, k);
   int64_t* index = s.index.data();
   T* value = s.value.data();
+  const T* bp =
+      bc.has_value() ? widened<T>(bc->data_ptr<W>(), out, s.wide.data() + in + width) : nullptr;
   const int64_t grain = std::max<int64_t>(1, (k + at::get_num_threads() - 1) / at::get_num_threads());
   for (int64_t r = 0; r < tokens; ++r) {
-    const T* xr = xrp + r * in;
-    const T* xe = xp + r * width;
-    T* yr = yp + r * out;
+    const T* xr = widened<T>(xrp + r * in, in, s.wide.data());
+    const T* xe = widened<T>(xp + r * width, width, s.wide.data() + in);
+    W* yw = yp + r * out;
+    T* yr = sums_of<T>(yw, s.partial.data());
     const T t = token_threshold<T>(xr, in, T(0), keep, s.magnitude);
     const int64_t kept = kept_channels<T>(xr, in, t, index, value);
     const std::vector<int64_t> found =
@@ -297,6 +312,7 @@ void run_rotated(const at::Tensor& x_rot, const at::Tensor& approx_t, int64_t ke
         yr[c] = dot(wp + c * wld, xe, width) + (bp != nullptr ? bp[c] : T(0));
       }
     });
+    narrowed(yr, yw, 0, out);
   }
 }
 
@@ -322,7 +338,7 @@ at::Tensor rotated_logits(const at::Tensor& x_rot, const at::Tensor& approx_t, i
   }
   const auto dtype = x_rot.scalar_type();
   const auto narrow = approx_t.scalar_type();
-  const bool fast = (dtype == at::kFloat || dtype == at::kDouble) &&
+  const bool fast = kernel_dtype(dtype) &&
                     (narrow == dtype || (dtype == at::kFloat && narrow == at::kBFloat16)) &&
                     x.scalar_type() == dtype && weight.scalar_type() == dtype &&
                     approx_t.stride(1) == 1 && weight.stride(1) == 1 && out > 0 &&
@@ -336,6 +352,12 @@ at::Tensor rotated_logits(const at::Tensor& x_rot, const at::Tensor& approx_t, i
   auto y = at::empty(sizes, x_rot.options());
   if (dtype == at::kDouble) {
     run_rotated<double, double>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
+  } else if (dtype == at::kBFloat16) {
+    using B = c10::BFloat16;
+    run_rotated<float, B, B>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
+  } else if (dtype == at::kHalf) {
+    using H = c10::Half;
+    run_rotated<float, H, H>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
   } else if (narrow == at::kBFloat16) {
     run_rotated<float, c10::BFloat16>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
   } else {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -36,20 +37,83 @@ inline void axpy(T* acc, const W* const* rows, const T* v, int64_t n) {
 
 #if defined(__AVX512F__)
 // Sixteen weights as floats: loaded, or widened from bfloat16 (its bits are a float's top
-// half).
+// half) or from half (AVX-512F converts it).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
-// Eight weights as floats: loaded, or widened from bfloat16 (its bits are a float's top half).
+// Eight weights as floats: loaded, or widened from bfloat16 (its bits are a float's top half)
+// or from half (F16C, which every AVX2 CPU has; a scalar loop where it was not compiled in).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
+inline __m256 load8(const c10::Half* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(32) float f[8];
+  for (int j = 0; j < 8; ++j) {
+    f[j] = static_cast<float>(p[j]);
+  }
+  return _mm256_load_ps(f);
 #endif
+}
+#endif
+
+// Tensors of bfloat16 or half (x, a bias, y) are summed in float: their values are widened
+// into a buffer of the sums' type, and each output row is summed in a buffer and rounded to
+// its type once, as ATen's own matmul of those types does. Tensors of the sums' type itself
+// are read and written in place.
+template <typename T, typename W>
+inline const T* widened(const W* p, int64_t n, T* buffer) {
+  if constexpr (std::is_same_v<T, W>) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      buffer[i] = static_cast<T>(p[i]);
+    }
+    return buffer;
+  }
+}
+
+// Where an output row y of W is summed: y itself, or buffer (then narrowed into y).
+template <typename T, typename W>
+inline T* sums_of(W* y, T* buffer) {
+  if constexpr (std::is_same_v<T, W>) {
+    return y;
+  } else {
+    return buffer;
+  }
+}
+
+// y[begin:end] = sums[begin:end] rounded to W (nothing when the sums are y itself).
+template <typename T, typename W>
+inline void narrowed(const T* sums, W* y, int64_t begin, int64_t end) {
+  if constexpr (!std::is_same_v<T, W>) {
+    for (int64_t c = begin; c < end; ++c) {
+      y[c] = static_cast<W>(sums[c]);
+    }
+  }
+}
+
+// The types the kernels take (x, the weights, the bias and y all of it); others run ATen.
+inline bool kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+         dtype == at::kHalf;
+}
+
+// The threshold as ATen compares x of type W with it: rounded to W.
+template <typename T, typename W>
+inline T threshold_of(double threshold) {
+  return static_cast<T>(static_cast<W>(static_cast<T>(threshold)));
+}
 
 template <int R, bool Fresh = false, typename W>
 inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
@@ -59,6 +123,21 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
   __m512 a[R];
   for (int j = 0; j < R; ++j) {
     a[j] = _mm512_set1_ps(v[j]);
+  }
+  if constexpr (sizeof(W) == 2) {
+    // Two-byte rows: a cache line of each row is 32 columns, summed in two chains, so that a
+    // line still costs one chain of R FMAs (one chain per 16 columns would halve the rate
+    // its latency allows).
+    for (; c + 32 <= n; c += 32) {
+      __m512 s = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c);
+      __m512 t = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 16);
+      for (int j = 0; j < R; ++j) {
+        s = _mm512_fmadd_ps(a[j], load16(rows[j] + c), s);
+        t = _mm512_fmadd_ps(a[j], load16(rows[j] + c + 16), t);
+      }
+      _mm512_storeu_ps(acc + c, s);
+      _mm512_storeu_ps(acc + c + 16, t);
+    }
   }
   for (; c + 16 <= n; c += 16) {
     __m512 s = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c);
@@ -181,6 +260,34 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// The same for a row of a two-byte type (bfloat16, half), summed in float.
+template <typename W, typename = std::enable_if_t<sizeof(W) == 2>>
+inline float dot(const W* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#if defined(__AVX512F__)
+  __m512 u = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    u = _mm512_fmadd_ps(load16(a + i), _mm512_loadu_ps(b + i), u);
+  }
+  s = _mm512_reduce_add_ps(u);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 u = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    u = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), u);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, u);
+  for (float lane : lanes) {
+    s += lane;
+  }
+#endif
+  for (; i < n; ++i) {
+    s += static_cast<float>(a[i]) * b[i];
+  }
+  return s;
+}
+
 // The kept channels of one token: index[0:count] and their values, in channel order.
 template <typename T>
 inline int64_t kept_channels(const T* x, int64_t in, T t, int64_t* index, T* value) {
@@ -288,12 +395,16 @@ constexpr int64_t kSerialSum = 65536;
 template <typename T>
 struct Scratch {
   std::vector<int64_t> index;
-  std::vector<T> value, partial, magnitude;
+  std::vector<T> value, partial, magnitude, wide;
 };
 
+// wide: room for a bfloat16 or half input and bias widened to T (0 for T's own inputs).
 template <typename T>
-Scratch<T>& scratch_of(int64_t in, int64_t partial, int64_t magnitude) {
+Scratch<T>& scratch_of(int64_t in, int64_t partial, int64_t magnitude, int64_t wide = 0) {
   thread_local Scratch<T> s;
+  if (static_cast<int64_t>(s.wide.size()) < wide) {
+    s.wide.resize(wide);
+  }
   if (static_cast<int64_t>(s.index.size()) < in + kVectorSlack) {
     s.index.resize(in + kVectorSlack);
     s.value.resize(in + kVectorSlack);
