@@ -19,7 +19,7 @@ from conftest import (
     tiny_model,
     token_pairs,
 )
-from test_kernels import CHANNELS, PROMPT
+from test_kernels import CHANNELS, KEPT_PATTERNS, PROMPT
 
 from sparse_lightning import SparseActivationModule
 from sparse_lightning.kernels import load, load_logits, load_rotated, load_topk
@@ -139,3 +139,20 @@ def test_half_precision_model_decodes_through_the_kernels_like_the_masked_refere
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)
     realized = module.realized_sparsity()
     assert all(0.0 < realized[UNIT_KINDS[kind].ratio_key] < 1.0 for kind in CHANNELS)
+
+
+@pytest.mark.parametrize("pattern", KEPT_PATTERNS)
+@pytest.mark.parametrize("out", [40, 200, 1100, 4200])
+def test_half_precision_kernel_for_every_pattern_of_kept_rows(pattern, out):
+    """Two-byte rows up to 4 KB (40-1100 columns) are read as sixteen stretches of the kept
+    rows, longer ones (4200) sixteen consecutive kept rows at a time: both are the rounded
+    hand computation for every neighbourhood of kept rows."""
+    in_features = 300  # 75-150 kept rows a thread: several steps of sixteen stretches
+    g = torch.Generator().manual_seed(out)
+    weight_t = torch.randn(in_features, out, generator=g).to(torch.bfloat16)
+    keep = torch.tensor([KEPT_PATTERNS[pattern](i, in_features) for i in range(in_features)])
+    magnitude = torch.where(keep, 1 + torch.rand(in_features), 0.5 * torch.rand(in_features))
+    x = (magnitude * torch.where(torch.rand(in_features) < 0.5, -1.0, 1.0)).unsqueeze(0)
+    x = x.to(torch.bfloat16)
+    got = load()(x, weight_t, 0.75, None)
+    within_half_an_ulp(got, x.double()[:, keep] @ weight_t.double()[keep])
