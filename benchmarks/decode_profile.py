@@ -87,19 +87,30 @@ def main() -> None:
         "--lm-head", type=float, default=0.0, help="skip/split/padding: lm_head level"
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="split: the model's type (the float32 checkpoint's thresholds serve both)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
         help="split/padding: where the JSON goes (benchmarks/results/decode_<what>.json)",
     )
     args = parser.parse_args()
+    if args.dtype != "float32" and args.what != "split":
+        parser.error("--dtype is an option of --what split")
     if args.what == "skip":
         profile_skip(args.model, args.budget, args.allocation, args.lm_head)
         return
     out = args.out or ROOT / f"benchmarks/results/decode_{args.what}.json"
-    if args.what in ("split", "padding"):
-        step = split_step if args.what == "split" else padding_step
-        step(args.model, args.budget, args.allocation, args.lm_head, out)
+    if args.what == "split":
+        dtype = getattr(torch, args.dtype)
+        split_step(args.model, args.budget, args.allocation, args.lm_head, out, dtype)
+        return
+    if args.what == "padding":
+        padding_step(args.model, args.budget, args.allocation, args.lm_head, out)
         return
     model, tokenizer = load_demo_model()
     checkpoint = calibrated_checkpoint(
@@ -155,7 +166,14 @@ def profile_skip(key: str, budget: float, allocation: str, lm_head: float) -> No
 NEAR_EMPTY = dict.fromkeys(("attn_input", "mlp_input", "head_features", "mlp"), 0.995)
 
 
-def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Path) -> None:
+def split_step(
+    key: str,
+    budget: float,
+    allocation: str,
+    lm_head: float,
+    out: Path,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """A decode step taken apart without a profiler: four tuned decodes, each pair's steps
     interleaved in one process (:func:`interleaved_decode`), differences of ms per step.
 
@@ -163,7 +181,8 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
     :data:`NEAR_EMPTY`, ``Z0`` that with a dense lm_head. ``S - Z`` is what the channel
     kinds' kept rows cost, ``D - Z0`` what the dense decoder projections cost beyond the
     kernel's calls, ``Z0 - Z`` what the lm_head setting saves (in the basis the checkpoint
-    allows: rotated when it holds the lm_head input's second moment). JSON in ``out``.
+    allows: rotated when it holds the lm_head input's second moment). ``dtype``: the model's
+    type, all four decodes. JSON in ``out``.
     """
     import copy
 
@@ -172,6 +191,7 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
     from sparse_lightning import SparsityConfig
 
     model, tokenizer, path = frontier_checkpoint(key, allocation)
+    model = model.to(dtype)
     settings = {
         "S": SparsityConfig(budget=budget, allocation=allocation, lm_head=lm_head),
         "Z": SparsityConfig(NEAR_EMPTY, lm_head=lm_head),
@@ -199,6 +219,7 @@ def split_step(key: str, budget: float, allocation: str, lm_head: float, out: Pa
             }
         },
         "near_empty": NEAR_EMPTY,
+        "dtype": str(dtype).removeprefix("torch."),
         "rows": rows,
     }
     save_report(report, out)
