@@ -86,11 +86,9 @@ TIMERS = {
 }
 
 
-def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch_size: int):
-    """One row per setting: top-1 agreement, KL and realized sparsity on held-out questions."""
-    import lightning as L
-
-    data = QADataModule(
+def truthfulqa_data(tokenizer, calib: range, evaluation: range, batch_size: int) -> QADataModule:
+    """TruthfulQA with the frontier's calibration and evaluation rows."""
+    return QADataModule(
         TRUTHFULQA,
         "truthfulqa",
         calibration_rows=(calib.start, calib.stop),
@@ -98,6 +96,13 @@ def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch
         batch_size=batch_size,
         tokenizer=tokenizer,
     )
+
+
+def fidelity(module, tokenizer, settings, calib: range, evaluation: range, batch_size: int):
+    """One row per setting: top-1 agreement, KL and realized sparsity on held-out questions."""
+    import lightning as L
+
+    data = truthfulqa_data(tokenizer, calib, evaluation, batch_size)
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    TRUTHFULQA,
     frontier_checkpoint,
     interleaved_decode,
     results_path,
@@ -45,18 +44,12 @@ from benchmarks.common import (  # noqa: E402
 def cast_fidelity(model, half, tokenizer) -> dict[str, float]:
     """Top-1 agreement and KL of ``half`` against ``model`` (both dense) on the frontier's
     held-out answers."""
-    from sparse_lightning import QADataModule, SparseActivationModule
+    from benchmarks.frontier import truthfulqa_data
+    from sparse_lightning import SparseActivationModule
     from sparse_lightning.evaluation.functional import agreement_and_kl
 
     module = SparseActivationModule(model, tokenizer, targets="dense", max_new_tokens=32)
-    data = QADataModule(
-        TRUTHFULQA,
-        "truthfulqa",
-        calibration_rows=(400, 800),
-        evaluation_rows=(0, 100),
-        batch_size=8,
-        tokenizer=tokenizer,
-    )
+    data = truthfulqa_data(tokenizer, range(400, 800), range(0, 100), batch_size=8)
     data.setup("test")
     agree, kl = [], []
     with torch.no_grad():

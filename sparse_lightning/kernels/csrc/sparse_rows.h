@@ -125,9 +125,9 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
     a[j] = _mm512_set1_ps(v[j]);
   }
   if constexpr (sizeof(W) == 2) {
-    // Two-byte rows: a cache line of each row is 32 columns, summed in two chains, so that a
-    // line still costs one chain of R FMAs (one chain per 16 columns would halve the rate
-    // its latency allows).
+    // Two-byte rows: a cache line of each row is 32 columns, summed in two chains (against
+    // one chain per 16 columns: 1.01-1.05x as fast on SmolLM2's shapes in bfloat16, eager
+    // calls, 0% and 50% skipped, 2026-12-07).
     for (; c + 32 <= n; c += 32) {
       __m512 s = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c);
       __m512 t = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 16);
