@@ -17,7 +17,7 @@ Runs are grouped by the hand-over time (``--far-ns``: above it, the CPUs are tak
 cache) and the table gives each group's hand-over, read rates, dense step and ratio.
 
     python benchmarks/placement.py [--model smollm2] [--minutes 20] [--budget 0.2 \
-        --allocation greedy --lm-head 0.8]
+        --allocation greedy --lm-head 0.8] [--dtype bfloat16 --out ...]
 
 Prints a table and writes benchmarks/results/placement.json (``placement_<model>.json`` for
 another model).
@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--allocation", default="greedy")
     parser.add_argument("--lm-head", type=float, default=0.8)
     parser.add_argument("--far-ns", type=float, default=100.0)
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="both decodes' type"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if os.cpu_count() is None or os.cpu_count() < 2:
@@ -123,6 +126,7 @@ def main() -> None:
         name="sparse_lightning_bench_core_probe", sources=[str(SOURCE)], extra_cflags=["-O2"]
     )
     model, tokenizer, path = frontier_checkpoint(args.model, args.allocation)
+    model = model.to(getattr(torch, args.dtype))
     setting = SparsityConfig(budget=args.budget, allocation=args.allocation, lm_head=args.lm_head)
     prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     dense = tuned_decode(copy.deepcopy(model), prompt, 32)
@@ -162,6 +166,7 @@ def main() -> None:
         {
             "benchmark": "placement",
             "model": args.model,
+            "dtype": args.dtype,
             "setting": {
                 "budget": args.budget,
                 "allocation": args.allocation,
