@@ -17,9 +17,10 @@ Both sides alternate within each repetition; each figure is the median of per-re
 Targets: kernel 0% at least as fast as dense; kernel 50% at >= 90% of the byte bound against
 the kernel's own 0% (bound = channels / kept channels).
 
-    python benchmarks/kernel_speed.py [--repeats 15] [--stream-mb 256]
+    python benchmarks/kernel_speed.py [--repeats 15] [--stream-mb 256] [--dtype bfloat16]
 
-Prints a table and writes benchmarks/results/kernel_speed.json.
+Prints a table and writes benchmarks/results/kernel_speed.json (``kernel_speed_bfloat16.json``
+with ``--dtype bfloat16``: weights, inputs and both sides in that type).
 """
 
 from __future__ import annotations
@@ -120,14 +121,18 @@ def tuned(module: nn.Module, xs: list[torch.Tensor]) -> Callable[..., None]:
 
 
 def streamed_copies(
-    fan_in: int, fan_out: int, stream_mb: float
+    fan_in: int, fan_out: int, stream_mb: float, dtype: torch.dtype = torch.float32
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Enough seeded random (fan_out, fan_in) weights to stream ``stream_mb`` MB (at least 4),
-    each with its own (1, fan_in) input: every call then reads its weight from memory."""
-    copies = max(4, int(stream_mb * 2**20 // (fan_in * fan_out * 4)))
+    """Enough seeded random (fan_out, fan_in) weights of ``dtype`` to stream ``stream_mb`` MB
+    (at least 4), each with its own (1, fan_in) input: every call then reads its weight from
+    memory."""
+    size = torch.finfo(dtype).bits // 8
+    copies = max(4, int(stream_mb * 2**20 // (fan_in * fan_out * size)))
     g = torch.Generator().manual_seed(fan_in * fan_out)
-    weights = [torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5 for _ in range(copies)]
-    return weights, [torch.randn(1, fan_in, generator=g) for _ in range(copies)]
+    weights = [
+        (torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5).to(dtype) for _ in range(copies)
+    ]
+    return weights, [torch.randn(1, fan_in, generator=g).to(dtype) for _ in range(copies)]
 
 
 def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> list[torch.Tensor]:
@@ -145,16 +150,22 @@ def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> list[torch.Tensor]
     return out
 
 
-def stream_arguments(doc: str, benchmark: str) -> argparse.Namespace:
-    """The command line of a streamed-weights kernel benchmark: --repeats, --stream-mb and
-    --out (default ``benchmarks/results/<benchmark>.json``); fails early without the kernel."""
+def stream_arguments(doc: str, benchmark: str, dtypes: bool = False) -> argparse.Namespace:
+    """The command line of a streamed-weights kernel benchmark: --repeats, --stream-mb, --out
+    (default ``benchmarks/results/<benchmark>.json``) and, with ``dtypes``, --dtype (the
+    default out then ``<benchmark>_<dtype>.json`` for another type); fails early without the
+    kernel."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stream-mb", type=float, default=256.0)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks" / "results" / f"{benchmark}.json"
-    )
+    parser.add_argument("--out", type=Path, default=None)
+    if dtypes:
+        parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
+    dtype = getattr(args, "dtype", "float32")
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"{benchmark}{suffix}.json"
+    args.dtype = getattr(torch, dtype)
     assert compiled(), "the kernel did not build (see the warning): nothing to measure"
     return args
 
@@ -165,6 +176,7 @@ def save_stream_report(
     """Saves the rows of a streamed-weights kernel benchmark with its settings."""
     report = {
         "benchmark": benchmark,
+        "dtype": str(args.dtype).removeprefix("torch."),
         "repeats": args.repeats,
         "stream_mb": args.stream_mb,
         "compile_options": decode_options_record(),
@@ -175,19 +187,19 @@ def save_stream_report(
 
 
 def main() -> None:
-    args = stream_arguments(__doc__, "kernel_speed")
+    args = stream_arguments(__doc__, "kernel_speed", dtypes=True)
     rows = []
     started = time.time()
     for model, *dims in MODELS:
         for name, (fan_in, fan_out) in projection_shapes(*dims).items():
-            weights, xs = streamed_copies(fan_in, fan_out, args.stream_mb)
+            weights, xs = streamed_copies(fan_in, fan_out, args.stream_mb, args.dtype)
             copies = len(weights)
             torch._dynamo.reset()  # the previous shape's graphs (and weight copies) go
             dense = tuned(DenseProjections(weights), xs)
             kernel0 = tuned(SparseProjections(weights, 0.0), xs)
             sparse = tuned(SparseProjections(weights, 1.0), xs)  # see inputs_keeping
             vs_dense, dense_s, k0_s = paired_ratio(dense, kernel0, args.repeats)
-            mb = fan_in * fan_out * 4 / 2**20
+            mb = fan_in * fan_out * weights[0].element_size() / 2**20
             row = {
                 "model": model,
                 "projection": name,
