@@ -95,8 +95,8 @@ def test_kernel_reads_a_strided_weight_and_other_dtypes_like_the_reference():
 
 def test_opcheck_passes():
     g = torch.Generator().manual_seed(1)
+    load()  # registers the op (run alone, nothing else has)
     op = torch.ops.sparse_lightning.input_sparse_linear
-    load()
     cases = [
         (torch.randn(1, 24, generator=g), torch.randn(24, 40, generator=g), 0.6, None),
         (
@@ -104,6 +104,12 @@ def test_opcheck_passes():
             torch.randn(24, 40, generator=g),
             0.2,
             torch.randn(40, generator=g),
+        ),
+        (  # a model's own two-byte type: the fake's dtype must follow it
+            torch.randn(2, 24, generator=g).to(torch.bfloat16),
+            torch.randn(24, 40, generator=g).to(torch.bfloat16),
+            0.6,
+            torch.randn(40, generator=g).to(torch.bfloat16),
         ),
     ]
     for args in cases:
