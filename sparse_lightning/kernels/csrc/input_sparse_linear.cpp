@@ -39,10 +39,9 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, double threshold, int6
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t threads = at::get_num_threads();
   const bool split_rows = out <= kRowSplitColumns;
-  // Room past the partial rows for the sums of y's row when y is narrower than T.
-  const int64_t sums = same ? 0 : out;
-  Scratch<T>& s = scratch_of<T>(in, (split_rows ? threads * out : 0) + sums, keep >= 0 ? in : 0,
-                                same ? 0 : in + out);
+  // wide: x's token, the bias, the sums of y's row.
+  Scratch<T>& s = scratch_of<T>(in, split_rows ? threads * out : 0, keep >= 0 ? in : 0,
+                                same ? 0 : in + 2 * out);
   int64_t* index = s.index.data();
   T* value = s.value.data();
   const T* bp = bc.has_value() ? widened<T>(bc->data_ptr<W>(), out, s.wide.data() + in) : nullptr;
@@ -52,7 +51,7 @@ void run(const at::Tensor& x, const at::Tensor& weight_t, double threshold, int6
     const T t = token_threshold<T>(xr, in, threshold_w, keep, s.magnitude);
     const int64_t kept = kept_channels<T>(xr, in, t, index, value);
     W* yw = yp + r * out;
-    T* yr = sums_of<T>(yw, s.partial.data() + (same ? 0 : s.partial.size() - out));
+    T* yr = sums_of<T>(yw, s.wide.data() + in + out);
     if (!split_rows) {
       at::parallel_for(0, out, kGrain, [&](int64_t begin, int64_t end) {
         start_with_bias(yr, bp, begin, end);
@@ -103,10 +102,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, double
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   const auto dtype = x.scalar_type();
-  const bool fast = kernel_dtype(dtype) && weight_t.scalar_type() == dtype &&
-                    weight_t.stride(1) == 1 && x.device().is_cpu() &&
-                    (!bias.has_value() || bias->scalar_type() == dtype);
-  if (!fast) {
+  if (!kernel_takes(x, weight_t, bias)) {
     // Other dtypes and layouts: the same math with ATen operators (reads every weight).
     auto magnitude = x.abs();
     at::Tensor t;

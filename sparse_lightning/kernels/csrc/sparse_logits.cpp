@@ -156,7 +156,8 @@ void run_logits(const at::Tensor& x, const at::Tensor& weight_t, int64_t keep,
   const int64_t tokens = in == 0 ? 0 : xc.numel() / in;
   const int64_t k = std::min(candidates, out);
   const int64_t tasks = logit_tasks(out, k);
-  Scratch<T>& s = scratch_of<T>(in, same ? 0 : out, in, same ? 0 : in + out);
+  // wide: x's token, the bias, the sums of y's row.
+  Scratch<T>& s = scratch_of<T>(in, 0, in, same ? 0 : in + 2 * out);
   LogitsScratch<T>& ls = logits_scratch<T>(in, tasks, k);
   int64_t* index = s.index.data();
   T* value = s.value.data();
@@ -164,7 +165,7 @@ void run_logits(const at::Tensor& x, const at::Tensor& weight_t, int64_t keep,
   for (int64_t r = 0; r < tokens; ++r) {
     const T* xr = widened<T>(xp + r * in, in, s.wide.data());
     W* yw = yp + r * out;
-    T* yr = sums_of<T>(yw, s.partial.data());
+    T* yr = sums_of<T>(yw, s.wide.data() + in + out);
     const T t = token_threshold<T>(xr, in, T(0), keep, s.magnitude);
     const int64_t kept = kept_channels<T>(xr, in, t, index, value);
     const int64_t dropped =
@@ -245,10 +246,7 @@ at::Tensor input_sparse_logits(const at::Tensor& x, const at::Tensor& weight_t, 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be (out_features,)");
   }
   const auto dtype = x.scalar_type();
-  const bool fast = kernel_dtype(dtype) && weight_t.scalar_type() == dtype &&
-                    weight_t.stride(1) == 1 && out > 0 && x.device().is_cpu() &&
-                    (!bias.has_value() || bias->scalar_type() == dtype);
-  if (!fast) {
+  if (!kernel_takes(x, weight_t, bias) || out == 0) {
     return aten_logits(x, weight_t, keep, candidates, at::linear(x, weight_t.t(), bias), bias);
   }
   auto sizes = x.sizes().vec();
@@ -288,8 +286,8 @@ void run_rotated(const at::Tensor& x_rot, const at::Tensor& approx_t, int64_t ke
   const int64_t tokens = in == 0 ? 0 : xrc.numel() / in;
   const int64_t k = std::min(candidates, out);
   const int64_t tasks = logit_tasks(out, k);
-  // wide: x_rot's token, x's token, the bias.
-  Scratch<T>& s = scratch_of<T>(in, same ? 0 : out, in, same ? 0 : in + width + out);
+  // wide: x_rot's token, x's token, the bias, the sums of y's row.
+  Scratch<T>& s = scratch_of<T>(in, 0, in, same ? 0 : in + width + 2 * out);
   LogitsScratch<T>& ls = logits_scratch<T>(in, tasks, k);
   int64_t* index = s.index.data();
   T* value = s.value.data();
@@ -300,7 +298,7 @@ void run_rotated(const at::Tensor& x_rot, const at::Tensor& approx_t, int64_t ke
     const T* xr = widened<T>(xrp + r * in, in, s.wide.data());
     const T* xe = widened<T>(xp + r * width, width, s.wide.data() + in);
     W* yw = yp + r * out;
-    T* yr = sums_of<T>(yw, s.partial.data());
+    T* yr = sums_of<T>(yw, s.wide.data() + in + width + out);
     const T t = token_threshold<T>(xr, in, T(0), keep, s.magnitude);
     const int64_t kept = kept_channels<T>(xr, in, t, index, value);
     const std::vector<int64_t> found =
@@ -338,12 +336,10 @@ at::Tensor rotated_logits(const at::Tensor& x_rot, const at::Tensor& approx_t, i
   }
   const auto dtype = x_rot.scalar_type();
   const auto narrow = approx_t.scalar_type();
-  const bool fast = kernel_dtype(dtype) &&
+  // approx_t may also be bfloat16 beside float tensors.
+  const bool fast = kernel_takes(x_rot, weight, bias) && x.scalar_type() == dtype &&
                     (narrow == dtype || (dtype == at::kFloat && narrow == at::kBFloat16)) &&
-                    x.scalar_type() == dtype && weight.scalar_type() == dtype &&
-                    approx_t.stride(1) == 1 && weight.stride(1) == 1 && out > 0 &&
-                    x_rot.device().is_cpu() &&
-                    (!bias.has_value() || bias->scalar_type() == dtype);
+                    approx_t.stride(1) == 1 && out > 0;
   if (!fast) {
     return aten_logits(x_rot, approx_t, keep, candidates, at::linear(x, weight, bias), bias);
   }

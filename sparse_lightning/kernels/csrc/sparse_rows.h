@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -103,10 +104,16 @@ inline void narrowed(const T* sums, W* y, int64_t begin, int64_t end) {
   }
 }
 
-// The types the kernels take (x, the weights, the bias and y all of it); others run ATen.
-inline bool kernel_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-         dtype == at::kHalf;
+// Whether the kernels take x, a weight and the bias as they are: on the CPU, the weight's rows
+// contiguous, all three of one type the kernels handle (float, double, bfloat16, half; y is
+// of it too). Otherwise the ops run the same math with ATen operators.
+inline bool kernel_takes(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  const auto dtype = x.scalar_type();
+  const bool handled = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                       dtype == at::kHalf;
+  return handled && weight.scalar_type() == dtype && weight.stride(1) == 1 &&
+         x.device().is_cpu() && (!bias.has_value() || bias->scalar_type() == dtype);
 }
 
 // The threshold as ATen compares x of type W with it: rounded to W.
@@ -423,7 +430,8 @@ struct Scratch {
   std::vector<T> value, partial, magnitude, wide;
 };
 
-// wide: room for a bfloat16 or half input and bias widened to T (0 for T's own inputs).
+// wide: room for a bfloat16 or half input and bias widened to T and an output row's sums
+// (0 for tensors of T itself).
 template <typename T>
 Scratch<T>& scratch_of(int64_t in, int64_t partial, int64_t magnitude, int64_t wide = 0) {
   thread_local Scratch<T> s;
