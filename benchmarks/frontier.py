@@ -1,6 +1,8 @@
 """Fidelity against measured decode speed: byte budgets x allocations, on both real models.
 
-For SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (float32, CPU):
+For SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct on the CPU, in float32 or, with
+``--dtype bfloat16``, cast to bfloat16 after calibrating in float32 (the best dense decode
+there, docs/half_precision.md; fidelity and speed then against the bfloat16 model dense):
 
 1. calibrate on TruthfulQA questions 400-799 (the dense model's own greedy answers, every unit
    kind) and measure the greedy (TEAL) and attribution allocation tables on its first batches;
@@ -22,11 +24,12 @@ of the lm_head's input per token (``--lm-head-basis rotated``, the default: in t
 eigenbasis of that input; ``channels``: its plain channels), the 64 largest approximate logits
 recomputed exactly. Prints a table, writes benchmarks/results/frontier.json and the plot
 docs/frontier.png (top-1 agreement against decode speedup, one line per allocation and
-runtime).
+runtime); in bfloat16 ``frontier_bfloat16.json`` and ``docs/frontier_bfloat16.png``.
 
     python benchmarks/frontier.py [--models smollm2 qwen] [--budgets 0.1 0.2 0.3 0.4 0.5]
         [--allocations uniform greedy attribution] [--runtimes eager tuned] [--repeats 5]
         [--lm-head 0.8 [--lm-head-basis rotated|channels]] [--resume [--remeasure]]
+        [--dtype bfloat16]
 
 The fidelity points are saved before the speed stage starts and each speed as it is measured;
 ``--resume`` reuses them (same checkpoint and rows) and measures only what is missing (a
@@ -48,6 +51,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -177,6 +182,8 @@ def saved_points(saved: dict | None, result: dict) -> list[dict] | None:
     on the same checkpoint and rows; ``None`` otherwise."""
     same = ("model", "checkpoint", "calibration_rows", "evaluation_rows")
     if saved is None or any(saved.get(k) != result[k] for k in same):
+        return None
+    if saved.get("dtype", "float32") != result["dtype"]:  # runs before --dtype: float32
         return None
     print("--resume: fidelity (and any speeds) from the saved run, where it has them")
     return [dict(p) for p in saved.get("points", [])]
@@ -309,7 +316,8 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"Budgets {report['budgets']}; TruthfulQA calib 400-799, eval 0-99; {report['date']}",
+        f"{report.get('dtype', 'float32')}, budgets {report['budgets']}; TruthfulQA calib "
+        f"400-799, eval 0-99; {report['date']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -344,8 +352,14 @@ def main() -> None:
     parser.add_argument("--allocation-batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs/frontier.png")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the type both sides decode in (calibration runs in float32 either way)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: by --dtype")
+    parser.add_argument("--plot", type=Path, default=None, help="default: by --dtype")
     parser.add_argument(
         "--report-only", action="store_true", help="print the tables and plot from --out; no run"
     )
@@ -364,6 +378,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.remeasure and not args.resume:
         parser.error("--remeasure needs --resume (it re-times saved points)")
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    args.out = args.out or ROOT / f"benchmarks/results/frontier{suffix}.json"
+    args.plot = args.plot or ROOT / f"docs/frontier{suffix}.png"
     if args.report_only:
         report = json.loads(args.out.read_text())
         plot(report, args.plot)
@@ -379,6 +396,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "tuned_options": decode_options_record(),
         "prompt": PROMPT,
+        "dtype": args.dtype,
         "models": {},
     }
     if args.out.is_file():  # keep the other models' results of an earlier run
@@ -398,6 +416,7 @@ def main() -> None:
             allocation_batches=args.allocation_batches,
         )
         calibrated = time.time()
+        model = model.to(getattr(torch, args.dtype))  # after calibrating, which needs float32
         module = SparseActivationModule.from_pretrained(model, path, tokenizer=tokenizer)
         settings = [
             SparsityConfig(
@@ -416,6 +435,7 @@ def main() -> None:
             "checkpoint": str(path.relative_to(ROOT)),
             "calibration_rows": [calib.start, calib.stop],
             "evaluation_rows": [evaluation.start, evaluation.stop],
+            "dtype": args.dtype,
         }
         every = saved_points(report["models"].get(key), result) if args.resume else None
         if every:  # a resumed subset keeps the saved run's other points and notes

@@ -154,7 +154,7 @@ def evaluate(
     )
 
     path = recipe.calibration.checkpoint
-    module = module or _module(recipe)
+    module = _cast(module or _module(recipe), recipe)
     _load_checkpoint(module, path)
     options = recipe.evaluation
     settings = sweep_settings(
@@ -190,6 +190,7 @@ def evaluate(
         "checkpoint": str(path),
         "calibration": recipe.data.describe("calibration"),
         "evaluation": recipe.data.describe("evaluation"),
+        "dtype": recipe.model.dtype,
         "date": time.strftime("%Y-%m-%d"),
         "seconds": round(time.time() - started, 1),
     }
@@ -226,7 +227,7 @@ def sweep(recipe: Recipe) -> Path:
         calibrate(recipe, module)
     rows, metadata = evaluate(recipe, module)
     title = (
-        f"{metadata['model']}: eval {metadata['evaluation']}, "
+        f"{metadata['model']} ({metadata['dtype']}): eval {metadata['evaluation']}, "
         f"calib {metadata['calibration']}, {metadata['date']}"
     )
     figure = plot(rows, _output(recipe) / "plot.png", title)
@@ -240,7 +241,7 @@ def sweep(recipe: Recipe) -> Path:
 def export(recipe: Recipe) -> Path:
     """Compact the model with static masks and ``save_pretrained`` it (plus the tokenizer)."""
     options = recipe.export
-    module = _module(recipe)
+    module = _cast(_module(recipe), recipe)
     _load_checkpoint(module, recipe.calibration.checkpoint)
     module.set_sparsity(mode="static", metric=options.metric, **options.levels)
     target = Path(options.output_dir or Path("exports") / recipe.calibration.run_name)
@@ -292,6 +293,14 @@ def _module(recipe: Recipe) -> Any:
         targets=recipe.calibration.targets,  # type: ignore[arg-type]
         max_new_tokens=options.max_new_tokens,
     )
+
+
+def _cast(module: Any, recipe: Recipe) -> Any:
+    """The module's model in ``model.dtype``, after any calibration (which stays float32)."""
+    import torch
+
+    module.model.to(getattr(torch, recipe.model.dtype))
+    return module
 
 
 def _load_checkpoint(module: Any, path: Path) -> None:

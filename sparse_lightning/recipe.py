@@ -23,6 +23,9 @@ from typing import Any
 from sparse_lightning.checkpoint import run_path
 from sparse_lightning.units import UNIT_KINDS
 
+#: The types a recipe's model can be evaluated in (``model.dtype``): the kernels' types.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class ModelOptions:
@@ -34,12 +37,18 @@ class ModelOptions:
         gguf_file: GGUF file name inside a folder ``name``.
         trust_remote_code: run the model repository's own code (MobiLlama needs it).
         max_new_tokens: length of greedy answers (dense targets and generation metrics).
+        dtype: the type settings are evaluated, timed and exported in (``float32``,
+            ``bfloat16``, ``float16``). Calibration runs in float32 whatever this says (its
+            gradients and sums need it); the model is cast after it. On CPUs bfloat16 is the
+            fastest dense decode (docs/half_precision.md), so it is the baseline to time
+            against.
     """
 
     name: str = "demo"
     gguf_file: str | None = None
     trust_remote_code: bool = False
     max_new_tokens: int = 32
+    dtype: str = "float32"
 
 
 @dataclass
@@ -165,6 +174,12 @@ def check_recipe(recipe: Recipe) -> None:
         if recipe.model.max_new_tokens < 1:
             raise ValueError(f"must be >= 1, got {recipe.model.max_new_tokens}.")
 
+    def dtype() -> None:
+        if recipe.model.dtype not in MODEL_DTYPES:
+            raise ValueError(
+                f"must be one of {', '.join(MODEL_DTYPES)}, got {recipe.model.dtype!r}."
+            )
+
     def modes() -> None:
         if not evaluation.modes and not evaluation.budgets and not any(evaluation.lm_head):
             raise ValueError("give at least one selection mode (e.g. [dynamic]) or budget.")
@@ -186,6 +201,7 @@ def check_recipe(recipe: Recipe) -> None:
     )
     option("calibration.targets", targets)
     option("model.max_new_tokens", max_new_tokens)
+    option("model.dtype", dtype)
     option("evaluation.modes", modes)
     option("evaluation", speed)
     option(

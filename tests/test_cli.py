@@ -152,3 +152,58 @@ def test_sweep_times_every_setting_and_plots_fidelity_against_speed(tiny_folder,
     # The budget rows ran the channel kinds: their realized decode bytes are not zero.
     assert all(r["realized_decode_bytes_skipped"] > 0.05 for r in budgets)
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_dtype_calibrates_in_float32_then_evaluates_times_and_exports_in_it(
+    tiny_folder, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    import sparse_lightning.cli as cli
+    import sparse_lightning.evaluation as evaluation
+
+    seen: dict[str, torch.dtype] = {}
+
+    def recording(name, function, position):
+        def wrapper(*args, **kwargs):
+            module = args[position] if len(args) > position else None
+            if module is not None:  # `calibrate` from the command line makes its own
+                seen[name] = next(module.model.parameters()).dtype
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(cli, "calibrate", recording("calibrate", cli.calibrate, 1))
+    monkeypatch.setattr(evaluation, "run_sweep", recording("run_sweep", evaluation.run_sweep, 0))
+    monkeypatch.setattr(
+        evaluation, "decode_speeds", recording("decode_speeds", evaluation.decode_speeds, 0)
+    )
+    half = [*options(tiny_folder, tmp_path), "--model.dtype=bfloat16"]
+    speed = ["--evaluation.budgets=[0.4]", "--evaluation.speed_tokens=3"]
+    main(["sweep", *half, *speed, "--evaluation.speed_repeats=1"])
+    assert seen == {
+        "calibrate": torch.float32,
+        "run_sweep": torch.bfloat16,
+        "decode_speeds": torch.bfloat16,
+    }
+    table = json.loads((tmp_path / "results" / "tiny" / "table.json").read_text())
+    assert table["dtype"] == "bfloat16"
+    budget = next(r for r in table["results"] if r.get("budget"))
+    assert budget["realized_decode_bytes_skipped"] > 0.05 and budget["decode_speedup"] > 0
+
+    # The checkpoint is the one a float32 recipe calibrates, tensor for tensor.
+    main(["calibrate", *options(tiny_folder, tmp_path), "--calibration.run_name=fp32"])
+    ours, theirs = (load_file(tmp_path / "ck" / f"{n}.safetensors") for n in ("tiny", "fp32"))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    target = tmp_path / "export"
+    main(["export", *half, f"--export.output_dir={target}"])
+    exported = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
+
+
+def test_a_model_dtype_the_kernels_lack_is_refused_before_loading(tmp_path):
+    argv = ["sweep", *options(tmp_path / "no-model", tmp_path), "--model.dtype=int8"]
+    with pytest.raises(SystemExit, match=r"model\.dtype: must be one of float32, bfloat16"):
+        main(argv)
