@@ -38,10 +38,10 @@ class ModelOptions:
         trust_remote_code: run the model repository's own code (MobiLlama needs it).
         max_new_tokens: length of greedy answers (dense targets and generation metrics).
         dtype: the type settings are evaluated, timed and exported in (``float32``,
-            ``bfloat16``, ``float16``). Calibration runs in float32 whatever this says (its
-            gradients and sums need it); the model is cast after it. On CPUs bfloat16 is the
-            fastest dense decode (docs/half_precision.md), so it is the baseline to time
-            against.
+            ``bfloat16``, ``float16``). Calibration runs on the float32 model whatever this
+            says, as every checkpoint measured in docs/ was calibrated; the model is cast
+            after it. On CPUs bfloat16 is the fastest dense decode (docs/half_precision.md),
+            so it is the baseline to time against.
     """
 
     name: str = "demo"
