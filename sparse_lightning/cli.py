@@ -142,8 +142,11 @@ def evaluate(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate the recipe's settings with the saved checkpoint; writes and prints the table.
 
+    A given ``module``'s model is cast to ``model.dtype`` in place (the sweep passes the one it
+    calibrated in float32).
+
     Returns:
-        The table's rows and its metadata (model, splits, date, seconds).
+        The table's rows and its metadata (model, splits, dtype, date, seconds).
     """
     from sparse_lightning.evaluation import (
         decode_speeds,
