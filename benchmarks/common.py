@@ -36,10 +36,21 @@ STATIC_CHECKPOINT = (
 STATIC_ROWS = range(400, 432)
 
 
-def results_path(benchmark: str, model: str) -> Path:
-    """Where ``benchmark`` saves its report for ``model`` by default: SmolLM2's at
-    ``benchmarks/results/<benchmark>.json``, another model's with ``_<model>`` added."""
-    suffix = "" if model == "smollm2" else f"_{model}"
+#: The types the benchmarks with ``--dtype`` run a model in.
+DTYPES = ("float32", "bfloat16")
+
+
+def dtype_suffix(dtype: str) -> str:
+    """What a default output name gains for a model type: nothing for float32, ``_<dtype>``
+    for another, so that a run in one type never overwrites the other's results."""
+    return "" if dtype == "float32" else f"_{dtype}"
+
+
+def results_path(benchmark: str, model: str = "smollm2", dtype: str = "float32") -> Path:
+    """Where ``benchmark`` saves its report for ``model`` in ``dtype`` by default: SmolLM2's
+    float32 one at ``benchmarks/results/<benchmark>.json``, another model's with ``_<model>``
+    added, then :func:`dtype_suffix`."""
+    suffix = ("" if model == "smollm2" else f"_{model}") + dtype_suffix(dtype)
     return Path(__file__).resolve().parent / "results" / f"{benchmark}{suffix}.json"
 
 

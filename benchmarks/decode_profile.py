@@ -46,10 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    DTYPES,
     STATIC_CHECKPOINT,
     STATIC_ROWS,
     calibrated_checkpoint,
     frontier_checkpoint,
+    results_path,
     tuned_decode,
 )
 from sparse_lightning import SparseActivationModule, load_demo_model  # noqa: E402
@@ -88,7 +90,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=DTYPES,
         default="float32",
         help="split: the model's type (the float32 checkpoint's thresholds serve both)",
     )
@@ -96,7 +98,7 @@ def main() -> None:
         "--out",
         type=Path,
         default=None,
-        help="split/padding: where the JSON goes (benchmarks/results/decode_<what>.json)",
+        help="split/padding: where the JSON goes (results_path('decode_<what>', dtype=...))",
     )
     args = parser.parse_args()
     if args.dtype != "float32" and args.what != "split":
@@ -104,7 +106,7 @@ def main() -> None:
     if args.what == "skip":
         profile_skip(args.model, args.budget, args.allocation, args.lm_head)
         return
-    out = args.out or ROOT / f"benchmarks/results/decode_{args.what}.json"
+    out = args.out or results_path(f"decode_{args.what}", dtype=args.dtype)
     if args.what == "split":
         dtype = getattr(torch, args.dtype)
         split_step(args.model, args.budget, args.allocation, args.lm_head, out, dtype)

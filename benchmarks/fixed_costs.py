@@ -16,8 +16,8 @@ against Inductor where both read every row.
 
     python benchmarks/fixed_costs.py [--model smollm2] [--dtype bfloat16] [--rounds 3]
 
-JSON in ``benchmarks/results/fixed_costs.json`` (``fixed_costs_<model>.json`` for another model;
-``_float32`` added in float32).
+JSON in ``benchmarks/results/fixed_costs_bfloat16.json`` (``fixed_costs_<model>_bfloat16.json``
+for another model; ``fixed_costs.json`` in float32).
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import frontier_checkpoint, results_path, save_report, tuned_decode  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DTYPES,
+    frontier_checkpoint,
+    results_path,
+    save_report,
+    tuned_decode,
+)
 from benchmarks.decode_profile import NEAR_EMPTY, interleaved_pairs  # noqa: E402
 
 LEVELS = {"K": 0.01, "E": 0.995}
@@ -64,7 +70,7 @@ def stand_ins(model) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None)
@@ -87,9 +93,7 @@ def main() -> None:
         runs[name] = tuned_decode(module.model, prompt, 32)
     pairs = (("D", "F"), ("K", "F"), ("E", "F"), ("D", "K"))
     rows = interleaved_pairs(runs, pairs, rounds=args.rounds, repeats=args.repeats)
-    default = results_path("fixed_costs", args.model)
-    suffix = "" if args.dtype == "bfloat16" else "_float32"
-    out = args.out or default.with_stem(default.stem + suffix)
+    out = args.out or results_path("fixed_costs", args.model, args.dtype)
     report = {
         "benchmark": "fixed_costs",
         "model": args.model,

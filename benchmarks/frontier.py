@@ -58,9 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    DTYPES,
     TRUTHFULQA,
     calibrated_checkpoint,
     decode_options_record,
+    dtype_suffix,
     frontier_checkpoint_path,
     greedy_decode,
     interleaved_decode,
@@ -354,7 +356,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=DTYPES,
         default="float32",
         help="the type both sides decode in (calibration runs in float32 either way)",
     )
@@ -378,7 +380,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.remeasure and not args.resume:
         parser.error("--remeasure needs --resume (it re-times saved points)")
-    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    suffix = dtype_suffix(args.dtype)
     args.out = args.out or ROOT / f"benchmarks/results/frontier{suffix}.json"
     args.plot = args.plot or ROOT / f"docs/frontier{suffix}.png"
     if args.report_only:

@@ -43,10 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    DTYPES,
     decode_options,
     decode_options_record,
     own_forward,
     paired_ratio,
+    results_path,
     save_report,
 )
 from sparse_lightning.kernels import compiled, load, transposed_rows  # noqa: E402
@@ -160,11 +162,10 @@ def stream_arguments(doc: str, benchmark: str, dtypes: bool = False) -> argparse
     parser.add_argument("--stream-mb", type=float, default=256.0)
     parser.add_argument("--out", type=Path, default=None)
     if dtypes:
-        parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+        parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args()
     dtype = getattr(args, "dtype", "float32")
-    suffix = "" if dtype == "float32" else f"_{dtype}"
-    args.out = args.out or ROOT / "benchmarks" / "results" / f"{benchmark}{suffix}.json"
+    args.out = args.out or results_path(benchmark, dtype=dtype)
     args.dtype = getattr(torch, dtype)
     assert compiled(), "the kernel did not build (see the warning): nothing to measure"
     return args

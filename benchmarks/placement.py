@@ -17,10 +17,10 @@ Runs are grouped by the hand-over time (``--far-ns``: above it, the CPUs are tak
 cache) and the table gives each group's hand-over, read rates, dense step and ratio.
 
     python benchmarks/placement.py [--model smollm2] [--minutes 20] [--budget 0.2 \
-        --allocation greedy --lm-head 0.8] [--dtype bfloat16 --out ...]
+        --allocation greedy --lm-head 0.8] [--dtype bfloat16]
 
 Prints a table and writes benchmarks/results/placement.json (``placement_<model>.json`` for
-another model).
+another model, ``_bfloat16`` added in bfloat16).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    DTYPES,
     frontier_checkpoint,
     interleaved_decode,
     results_path,
@@ -110,9 +111,7 @@ def main() -> None:
     parser.add_argument("--allocation", default="greedy")
     parser.add_argument("--lm-head", type=float, default=0.8)
     parser.add_argument("--far-ns", type=float, default=100.0)
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="both decodes' type"
-    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="both decodes' type")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if os.cpu_count() is None or os.cpu_count() < 2:
@@ -176,7 +175,7 @@ def main() -> None:
             "groups": groups,
             "runs": runs,
         },
-        args.out or results_path("placement", args.model),
+        args.out or results_path("placement", args.model, args.dtype),
     )
 
 
