@@ -67,6 +67,7 @@ from benchmarks.common import (  # noqa: E402
     greedy_decode,
     interleaved_decode,
     paired_decode,
+    results_path,
     save_report,
     tuned_decode,
 )
@@ -380,9 +381,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.remeasure and not args.resume:
         parser.error("--remeasure needs --resume (it re-times saved points)")
-    suffix = dtype_suffix(args.dtype)
-    args.out = args.out or ROOT / f"benchmarks/results/frontier{suffix}.json"
-    args.plot = args.plot or ROOT / f"docs/frontier{suffix}.png"
+    args.out = args.out or results_path("frontier", dtype=args.dtype)
+    args.plot = args.plot or ROOT / f"docs/frontier{dtype_suffix(args.dtype)}.png"
     if args.report_only:
         report = json.loads(args.out.read_text())
         plot(report, args.plot)
