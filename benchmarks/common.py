@@ -163,6 +163,12 @@ CPU_DECODE_OPTIONS = {
 }
 
 
+#: What a report says of :class:`TunedDecode`'s loop, which changed on 2026-12-07 (reports
+#: without it timed the step through Dynamo, with an eager argmax and the prompt's logits
+#: through ``logits_to_keep=1``).
+TUNED_LOOP = "argmax compiled into the step; steps called without Dynamo once warm"
+
+
 def decode_options() -> dict:
     """``CPU_DECODE_OPTIONS`` plus the kernel's C entry points
     (:func:`sparse_lightning.kernels.inductor_options`), which only the sparse steps call."""

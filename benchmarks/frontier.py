@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     DTYPES,
     TRUTHFULQA,
+    TUNED_LOOP,
     calibrated_checkpoint,
     decode_options_record,
     dtype_suffix,
@@ -397,6 +398,7 @@ def main() -> None:
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
         "tuned_options": decode_options_record(),
+        "tuned_loop": TUNED_LOOP,
         "prompt": PROMPT,
         "dtype": args.dtype,
         "models": {},

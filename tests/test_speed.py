@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,6 +96,47 @@ def test_interleaved_decode_alternates_steps_and_times_each_side():
     with pytest.raises(ValueError, match="at least 2 new tokens"):
         one = [_FakeDecode(name, 0.0, log, new_tokens=1) for name in ("a", "b")]
         interleaved_decode(*one, repeats=1)
+
+
+def test_next_token_step_is_the_argmax_of_the_models_step():
+    """The tuned loop's step function against the model's own forward over a static cache."""
+    from benchmarks.common import next_token_step
+    from tests.conftest import static_cache_step
+
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 9, 17, 3]])
+    logits = static_cache_step(model, model.forward, prompt)
+    step = next_token_step(model)
+    assert step.__code__ is not next_token_step(model).__code__  # a Dynamo cache per model
+
+    def as_logits(**kw):  # static_cache_step reads .logits of what the step returns
+        args = ("input_ids", "past_key_values", "cache_position", "position_ids")
+        return SimpleNamespace(logits=step(*(kw[name] for name in args)))
+
+    token = static_cache_step(model, as_logits, prompt)
+    assert token.shape == (1, 1) and token.item() == logits[0, -1].argmax().item()
+
+
+def test_without_dynamo_calls_the_compiled_code_and_skips_its_guards():
+    from torch._dynamo.utils import counters
+
+    from benchmarks.common import own_code, without_dynamo
+
+    def double_sin(x):
+        return torch.sin(x) * 2
+
+    assert without_dynamo(double_sin) is double_sin  # not compiled: itself
+    compiled = torch.compile(own_code(double_sin), backend="eager", dynamic=False)
+    x = torch.arange(4.0)
+    compiled(x)
+    direct = without_dynamo(compiled)
+    assert direct is not compiled
+    frames = counters["frames"]["total"]
+    other = torch.arange(6.0, dtype=torch.float64)  # fails the guards: Dynamo would recompile
+    torch.testing.assert_close(direct(other), torch.sin(other) * 2)
+    assert counters["frames"]["total"] == frames
+    compiled(other)
+    assert counters["frames"]["total"] == frames + 1
 
 
 def test_by_speed_ranks_repetitions_by_the_baselines_time():
