@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -234,7 +235,7 @@ class TunedDecode(DecodeRun):
         length = self.prompt.shape[1]
         out = self.model(
             input_ids=self.prompt,
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             cache_position=torch.arange(length),
             # The last position as an index, not logits_to_keep=1: that slice keeps the
             # prompt's stride on a size-1 dimension, so matmul does not fold it into mm, and
@@ -318,6 +319,15 @@ def own_forward(model) -> Callable:
     return types.MethodType(own_code(model.forward.__func__), model)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``cache`` under the keyword ``model.forward`` takes a KV cache by: ``cache`` since
+    transformers 5.25 (where ``past_key_values`` warns that it goes in 5.40), else
+    ``past_key_values``. (tests/conftest.py has the same for the tests, which do not import
+    the benchmarks' helpers in their subprocesses.)"""
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
+
+
 def without_dynamo(compiled: Callable) -> Callable:
     """The code Dynamo compiled ``compiled`` (a ``torch.compile`` d function, called once)
     into, as a plain function: it unpacks the arguments and calls the compiled graph, without
@@ -364,11 +374,12 @@ def next_token_step(model) -> Callable:
     over a bfloat16 vocabulary, it took 0.27 ms a token (SmolLM2, 2026-12-07), about 3% of a
     tuned step. Its own code object, like :func:`own_forward`'s."""
     forward = own_forward(model)
+    keyword = next(iter(cache_kwargs(model, None)))
 
-    def next_token(input_ids, past_key_values, cache_position, position_ids):
+    def next_token(input_ids, cache, cache_position, position_ids):
         out = forward(
             input_ids=input_ids,
-            past_key_values=past_key_values,
+            **{keyword: cache},
             cache_position=cache_position,
             position_ids=position_ids,
             logits_to_keep=1,

@@ -140,6 +140,23 @@ def by_hand(x: torch.Tensor, weight_t: torch.Tensor, t: float, bias) -> torch.Te
     return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``cache`` under the keyword ``model.forward`` takes a KV cache by: ``cache`` since
+    transformers 5.25 (where ``past_key_values`` warns that it goes in 5.40), else
+    ``past_key_values``."""
+    import inspect
+
+    keyword = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+    return {keyword: cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (``out.cache``, or ``out.past_key_values`` before 5.25)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def static_cache_step(model, forward, prompt: torch.Tensor) -> torch.Tensor:
     """The logits of one decode step through ``forward`` (``model.forward`` or a compiled
     version of it) after ``prompt`` filled a fresh static KV cache: the tuned loop's shapes."""
@@ -149,10 +166,15 @@ def static_cache_step(model, forward, prompt: torch.Tensor) -> torch.Tensor:
     where = torch.tensor([length])
     cache = StaticCache(config=model.config, max_cache_len=length + 5)
     with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length))
+        out = model(
+            input_ids=prompt, cache_position=torch.arange(length), **cache_kwargs(model, cache)
+        )
         token = out.logits[:, -1:].argmax(-1)
         return forward(
-            input_ids=token, past_key_values=cache, cache_position=where, position_ids=where[None]
+            input_ids=token,
+            cache_position=where,
+            position_ids=where[None],
+            **cache_kwargs(model, cache),
         ).logits
 
 
@@ -201,7 +223,7 @@ def decode_logits(model, prompt: torch.Tensor, steps: int = 5) -> torch.Tensor:
         logits = [out.logits[:, -1]]
         for _ in range(steps):
             token = logits[-1].argmax(-1, keepdim=True)
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, use_cache=True, **cache_kwargs(model, returned_cache(out)))
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, calibrate, loader_of, token_pairs
+from conftest import VOCAB, cache_kwargs, calibrate, loader_of, returned_cache, token_pairs
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from sparse_lightning import SparseActivationModule, UnsupportedArchitectureError, resolve
@@ -166,7 +166,7 @@ def test_calibration_round_trip_and_every_mode(model_type, calibrated):
     module.set_sparsity(attn_input=0.5, mlp_input=0.5, head_features=0.5, mlp=0.5)
     with torch.no_grad():
         out = module.model(batch().input_ids[:1, :5], use_cache=True)
-        module.model(batch().input_ids[:1, 5:6], past_key_values=out.past_key_values)
+        module.model(batch().input_ids[:1, 5:6], **cache_kwargs(module.model, returned_cache(out)))
     assert module.realized_sparsity()["decode_bytes_skipped"] > 0.1
 
 

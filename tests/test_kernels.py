@@ -196,7 +196,7 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
     script = textwrap.dedent(
         """
         import warnings, torch
-        from conftest import tiny_model
+        from conftest import cache_kwargs, returned_cache, tiny_model
         from sparse_lightning.inference import Sparsifier
         from sparse_lightning.kernels import compiled, inductor_options, load, load_logits
         from sparse_lightning.kernels import load_rotated
@@ -229,7 +229,7 @@ def test_without_a_compiler_one_warning_and_the_same_outputs(tmp_path):
         Sparsifier(model, arch, {"mlp_input": DynamicSelector(torch.full((2,), 0.5))})
         with torch.no_grad():
             out = model(torch.tensor([[5, 9]]), use_cache=True)
-            model(torch.tensor([[3]]), past_key_values=out.past_key_values)
+            model(torch.tensor([[3]]), **cache_kwargs(model, returned_cache(out)))
         print("ok")
         """
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCH_TYPES, decode_logits, tiny_model
+from conftest import ARCH_TYPES, cache_kwargs, decode_logits, returned_cache, tiny_model
 
 from sparse_lightning import SparseActivationModule
 from sparse_lightning.selection import kept_count
@@ -64,7 +64,7 @@ def test_incremental_decode_equals_one_forward_over_the_sequence(model_type):
         out = module.model(ids[:, :2], use_cache=True)
         steps = [out.logits]
         for i in range(2, ids.shape[1]):
-            out = module.model(ids[:, i : i + 1], past_key_values=out.past_key_values)
+            out = module.model(ids[:, i : i + 1], **cache_kwargs(module.model, returned_cache(out)))
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-4, rtol=0)
 

@@ -109,9 +109,10 @@ def test_next_token_step_is_the_argmax_of_the_models_step():
     step = next_token_step(model)
     assert step.__code__ is not next_token_step(model).__code__  # a Dynamo cache per model
 
-    def as_logits(**kw):  # static_cache_step reads .logits of what the step returns
-        args = ("input_ids", "past_key_values", "cache_position", "position_ids")
-        return SimpleNamespace(logits=step(*(kw[name] for name in args)))
+    def as_logits(input_ids, cache_position, position_ids, **cache):
+        (cache,) = cache.values()  # under the keyword this transformers takes
+        # static_cache_step reads .logits of what the step returns
+        return SimpleNamespace(logits=step(input_ids, cache, cache_position, position_ids))
 
     token = static_cache_step(model, as_logits, prompt)
     assert token.shape == (1, 1) and token.item() == logits[0, -1].argmax().item()
