@@ -207,6 +207,7 @@ class TunedDecode(DecodeRun):
         self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
         self.compiled = torch.compile(next_token_step(model), dynamic=False)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens)
+        self.cache_kwargs = cache_kwargs(model, self.cache)  # reset in place, never replaced
         self.warm = False
         self.replay: Callable | None = None  # the compiled step without Dynamo, once warm
         super().__init__(self._run)
@@ -235,7 +236,7 @@ class TunedDecode(DecodeRun):
         length = self.prompt.shape[1]
         out = self.model(
             input_ids=self.prompt,
-            **cache_kwargs(self.model, self.cache),
+            **self.cache_kwargs,
             cache_position=torch.arange(length),
             # The last position as an index, not logits_to_keep=1: that slice keeps the
             # prompt's stride on a size-1 dimension, so matmul does not fold it into mm, and
@@ -322,8 +323,7 @@ def own_forward(model) -> Callable:
 def cache_kwargs(model, cache) -> dict:
     """``cache`` under the keyword ``model.forward`` takes a KV cache by: ``cache`` since
     transformers 5.25 (where ``past_key_values`` warns that it goes in 5.40), else
-    ``past_key_values``. (tests/conftest.py has the same for the tests, which do not import
-    the benchmarks' helpers in their subprocesses.)"""
+    ``past_key_values``. The tests pass caches through it too."""
     parameters = inspect.signature(model.forward).parameters
     return {"cache" if "cache" in parameters else "past_key_values": cache}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,6 +29,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+# The repository root, for benchmarks.common, also in the scripts the tests run in
+# subprocesses (they import this file with only tests/ on their path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cache_kwargs
 from sparse_lightning import (
     AttributionCalibration,
     SparseActivationModule,
@@ -138,18 +144,6 @@ def by_hand(x: torch.Tensor, weight_t: torch.Tensor, t: float, bias) -> torch.Te
                 y += value * weight_t[i].double()
         rows.append(y if bias is None else y + bias.double())
     return torch.stack(rows).reshape(*x.shape[:-1], weight_t.shape[1])
-
-
-def cache_kwargs(model, cache) -> dict:
-    """``cache`` under the keyword ``model.forward`` takes a KV cache by: ``cache`` since
-    transformers 5.25 (where ``past_key_values`` warns that it goes in 5.40), else
-    ``past_key_values``."""
-    import inspect
-
-    keyword = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
-    return {keyword: cache}
 
 
 def returned_cache(out):
