@@ -25,7 +25,8 @@ namespace sparse_rows {
 // in a narrower type W than the sums (bfloat16 rows of an approximation, summed in float).
 // With Fresh, acc = the sum: acc is written without being read (a first group).
 template <int R, bool Fresh = false, typename T, typename W>
-inline void axpy(T* acc, const W* const* rows, const T* v, int64_t n) {
+inline void axpy(T* acc, const W* const* rows, const T* v, int64_t n,
+                 const W* const* /*next*/ = nullptr) {
   int64_t c = 0;
   for (; c < n; ++c) {
     T s = Fresh ? T(0) : acc[c];
@@ -122,8 +123,22 @@ inline T threshold_of(double threshold) {
   return static_cast<T>(static_cast<W>(static_cast<T>(threshold)));
 }
 
+// How far ahead of its loads a row is prefetched, in bytes (see axpy below).
+constexpr int64_t kAheadBytes = 256;
+
+// Two-byte rows with AVX-512: each row's line kAheadBytes ahead is prefetched as the row
+// streams, and past the row's end the same offset into the row streamed after it (next: the
+// R rows of the caller's next group), so no kept row starts cold and nothing is fetched past a
+// row into a dropped neighbour. Measured 2026-12-07 on a Xeon (Emerald Rapids; both models'
+// shapes, a C++ loop over 768 MB of weights, two threads, each half of the kept rows): plain
+// reads of the rows ran at 26-28 GB/s, this loop without the prefetch at 19-23; with it,
+// bfloat16 rows 1.08-1.18x as fast with every row kept and 1.12-1.26x with half kept
+// (prefetching within the row only gained about half of that at 50%). In SmolLM2's tuned
+// bfloat16 decode at top-1 0.90, steps 1.13-1.16x as fast (docs/half_precision.md). Float
+// rows (one load and one FMA per line) already streamed at 94-99% of the bound and lost 0-4%.
 template <int R, bool Fresh = false, typename W>
-inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
+inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n,
+                 const W* const* next = nullptr) {
   int64_t c = 0;
 #if defined(__AVX512F__)
   // One cache line of each row per load; 32 registers hold sixteen rows' values.
@@ -135,10 +150,17 @@ inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n) {
     // Two-byte rows: a cache line of each row is 32 columns, summed in two chains (against
     // one chain per 16 columns: 1.01-1.05x as fast on SmolLM2's shapes in bfloat16, eager
     // calls, 0% and 50% skipped, 2026-12-07).
+    constexpr int64_t ahead = kAheadBytes / 2;
     for (; c + 32 <= n; c += 32) {
       __m512 s = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c);
       __m512 t = Fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 16);
+      const bool within = c + ahead < n;
       for (int j = 0; j < R; ++j) {
+        if (within) {
+          _mm_prefetch(reinterpret_cast<const char*>(rows[j] + c + ahead), _MM_HINT_T0);
+        } else if (next != nullptr) {
+          _mm_prefetch(reinterpret_cast<const char*>(next[j] + (c + ahead - n)), _MM_HINT_T0);
+        }
         s = _mm512_fmadd_ps(a[j], load16(rows[j] + c), s);
         t = _mm512_fmadd_ps(a[j], load16(rows[j] + c + 16), t);
       }
@@ -208,47 +230,65 @@ constexpr int64_t kStretchRowBytes = 4096;
 template <typename T, typename W>
 inline void accumulate(T* acc, const W* w, int64_t ld, const int64_t* index, const T* value,
                        int64_t first, int64_t last, int64_t n, bool fresh = false) {
+  // Groups of kRows rows, in the order they stream: a fresh run's first group (kept rows
+  // first, first + 1, ...), then stretches (below), then consecutive groups. Each group's axpy
+  // gets the next group's rows to prefetch the starts of.
+  const int64_t lead = fresh && first + kRows <= last ? 1 : 0;
+  const int64_t after = first + lead * kRows;
+  // Short two-byte rows (1.1-2.3 KB in SmolLM2's and Qwen's projections other than
+  // gate|up) as sixteen stretches: step t reads the t-th row of each of sixteen equal runs
+  // of the kept rows, so each stream goes on to the kept row after its own instead of
+  // sixteen rows on. Measured 2026-12-07 (Zen 4, eager calls of SmolLM2's shapes in
+  // bfloat16, against groups of sixteen consecutive kept rows): q|k|v, o and down 1.24-1.42x
+  // as fast with every row kept, 1.06-1.14x with half; gate|up's 6 KB rows even (1.00x,
+  // 0.98x), float32 rows of 2.3-3.8 KB about even too (1.03-1.06x, 1.00x). SmolLM2's tuned
+  // bfloat16 decode at top-1 0.90: steps 1.07-1.10x as fast (docs/half_precision.md).
+  const bool stretched =
+      sizeof(W) == 2 && n * static_cast<int64_t>(sizeof(W)) <= kStretchRowBytes;
+  const int64_t m = stretched ? (last - after) / kRows : 0;
+  const int64_t consecutive = after + m * kRows;
+  const int64_t groups = lead + m + (last - consecutive) / kRows;
+  // The kept-row number of row j of group g.
+  const auto kept_row = [&](int64_t g, int j) {
+    if (g < lead) {
+      return first + j;
+    }
+    if (g < lead + m) {
+      return after + j * m + (g - lead);
+    }
+    return consecutive + (g - lead - m) * kRows + j;
+  };
+  if (fresh && lead == 0) {
+    std::fill(acc, acc + n, T(0));
+  }
   const W* rows[kRows];
-  int64_t k = first;
+  const W* next[kRows];
+  T v[kRows];
+  for (int j = 0; j < kRows && groups > 0; ++j) {
+    next[j] = w + index[kept_row(0, j)] * ld;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int j = 0; j < kRows; ++j) {
+      rows[j] = next[j];
+      v[j] = value[kept_row(g, j)];
+    }
+    const bool more = g + 1 < groups;
+    for (int j = 0; j < kRows && more; ++j) {
+      next[j] = w + index[kept_row(g + 1, j)] * ld;
+    }
+    if (g < lead) {
+      axpy<kRows, true>(acc, rows, v, n, more ? next : nullptr);
+    } else {
+      axpy<kRows>(acc, rows, v, n, more ? next : nullptr);
+    }
+  }
+  int64_t k = consecutive + (groups - lead - m) * kRows;
   // rows[0:count] = the weight rows of kept rows k, k + 1, ...
   const auto point = [&](int count) {
     for (int j = 0; j < count; ++j) {
       rows[j] = w + index[k + j] * ld;
     }
   };
-  if (fresh && k + kRows <= last) {
-    point(kRows);
-    axpy<kRows, true>(acc, rows, value + k, n);
-    k += kRows;
-  } else if (fresh) {
-    std::fill(acc, acc + n, T(0));
-  }
-  if constexpr (sizeof(W) == 2) {
-    // Short two-byte rows (1.1-2.3 KB in SmolLM2's and Qwen's projections other than
-    // gate|up) as sixteen stretches: step t reads the t-th row of each of sixteen equal runs
-    // of the kept rows, so each stream goes on to the kept row after its own instead of
-    // sixteen rows on. Measured 2026-12-07 (Zen 4, eager calls of SmolLM2's shapes in
-    // bfloat16, against groups of sixteen consecutive kept rows): q|k|v, o and down 1.24-1.42x
-    // as fast with every row kept, 1.06-1.14x with half; gate|up's 6 KB rows even (1.00x,
-    // 0.98x), float32 rows of 2.3-3.8 KB about even too (1.03-1.06x, 1.00x). SmolLM2's tuned
-    // bfloat16 decode at top-1 0.90: steps 1.07-1.10x as fast (docs/half_precision.md).
-    if (n * static_cast<int64_t>(sizeof(W)) <= kStretchRowBytes) {
-      const int64_t m = (last - k) / kRows;
-      T v[kRows];
-      for (int64_t t = 0; t < m; ++t) {
-        for (int j = 0; j < kRows; ++j) {
-          rows[j] = w + index[k + j * m + t] * ld;
-          v[j] = value[k + j * m + t];
-        }
-        axpy<kRows>(acc, rows, v, n);
-      }
-      k += m * kRows;
-    }
-  }
-  for (; k + kRows <= last; k += kRows) {
-    point(kRows);
-    axpy<kRows>(acc, rows, value + k, n);
-  }
   if (kRows > 8 && k + 8 <= last) {
     point(8);
     axpy<8>(acc, rows, value + k, n);
