@@ -24,9 +24,13 @@ those rows also gives the ratio over the fastest, middle and slowest third of th
 (ranked by the earlier kernel's time), since this machine's bandwidth drifts between spells
 (60 or more ``--repeats`` make the thirds meaningful).
 
-    python benchmarks/kernel_rows.py [--repeats 11] [--against REV] [--activations smollm2 qwen]
+``--dtype bfloat16`` runs both kernels on bfloat16 weights and inputs (the real models cast),
+as a model in that type streams them.
 
-Prints a table and writes benchmarks/results/kernel_rows.json.
+    python benchmarks/kernel_rows.py [--repeats 11] [--against REV] [--activations smollm2 qwen]
+        [--dtype bfloat16]
+
+Prints a table and writes benchmarks/results/kernel_rows[_bfloat16].json.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import save_report  # noqa: E402
+from benchmarks.common import DTYPES, results_path, save_report  # noqa: E402
 from benchmarks.frontier import MODELS, PROMPT  # noqa: E402
 from benchmarks.kernel_layout import SHAPES  # noqa: E402
 from sparse_lightning.kernels import load, transposed_rows  # noqa: E402
@@ -120,16 +124,18 @@ def kernel_at(revision: str):
     return getattr(torch.ops, namespace).input_sparse_linear
 
 
-def decode_inputs(model_key: str, steps: int = 8) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def decode_inputs(
+    model_key: str, steps: int = 8, dtype: torch.dtype = torch.float32
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(channel kind, input, fused transposed weight) of every call of an input-sparse site over
-    ``steps`` greedy decode steps of the real model: the sites and the projections that read
-    them as the resolver gives them to the executor."""
+    ``steps`` greedy decode steps of the real model in ``dtype``: the sites and the projections
+    that read them as the resolver gives them to the executor."""
     from sparse_lightning import resolve
     from sparse_lightning.architectures.weights import input_rows
     from sparse_lightning.units import UNIT_KINDS
 
     model, tokenizer = MODELS[model_key][1]()
-    model.eval()
+    model = model.to(dtype).eval()
     architecture = resolve(model)
     calls: list[tuple[str, int, torch.Tensor]] = []
     weights: dict[tuple[str, int], torch.Tensor] = {}
@@ -161,9 +167,11 @@ def by_speed(seconds: list[float], ratios: list[float]) -> dict[str, float]:
     return {k: statistics.median(ratios[i] for i in v) for k, v in parts.items() if v}
 
 
-def activation_rows(model_key: str, kernels: dict, repeats: int) -> list[dict]:
+def activation_rows(
+    model_key: str, kernels: dict, repeats: int, dtype: torch.dtype = torch.float32
+) -> list[dict]:
     """Both kernels on the real model's decode inputs, per level and channel kind."""
-    calls = decode_inputs(model_key)
+    calls = decode_inputs(model_key, dtype=dtype)
     rows = []
     for level in (0.0, 0.2, 0.5):
         timed = []
@@ -215,8 +223,11 @@ def main() -> None:
     parser.add_argument("--against", default=READING_ORDER)
     parser.add_argument("--stream-mb", type=int, default=256)
     parser.add_argument("--activations", nargs="*", choices=list(MODELS), default=[])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_rows.json")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    out = args.out or results_path("kernel_rows", dtype=args.dtype)
     load()
     kernels = {
         "shipped": torch.ops.sparse_lightning.input_sparse_linear,
@@ -226,18 +237,21 @@ def main() -> None:
     rows = []
     for (model, projection), (inputs, outputs) in SHAPES.items():
         g = torch.Generator().manual_seed(inputs * outputs)
-        copies = max(4, args.stream_mb * 2**20 // (inputs * outputs * 4))
-        ws = [torch.randn(inputs, outputs, generator=g) for _ in range(copies)]
+        size = inputs * outputs * dtype.itemsize
+        copies = max(4, args.stream_mb * 2**20 // size)
+        ws = [torch.randn(inputs, outputs, generator=g).to(dtype) for _ in range(copies)]
         times: dict[tuple[str, str], list[float]] = {}
         kept = {}
         for name in PATTERNS:
             masks = [pattern(name, inputs, g) for _ in range(copies)]
             kept[name] = int(masks[0].sum())
-            xs = [input_keeping(mask, g) for mask in masks]
+            xs = [input_keeping(mask, g).to(dtype) for mask in masks]
             for x, w, mask in zip(xs[:2], ws, masks, strict=False):  # both kernels are right
-                expected = x[:, mask] @ w[mask]
+                expected = x[:, mask].double() @ w[mask].double()
                 for op in kernels.values():
-                    torch.testing.assert_close(op(x, w, 0.75, None), expected, rtol=1e-4, atol=1e-3)
+                    got = op(x, w, 0.75, None).double()
+                    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # one rounding to dtype
+                    torch.testing.assert_close(got, expected, rtol=tolerance, atol=1e-3)
             for _ in range(args.repeats):
                 for kernel, op in kernels.items():  # alternating
                     start = time.perf_counter()
@@ -266,7 +280,9 @@ def main() -> None:
             print(f"{model[:7]:8} {projection:6} {kernel:8} " + "  ".join(cells), flush=True)
         del ws
     activations = [
-        row for key in args.activations for row in activation_rows(key, kernels, args.repeats)
+        row
+        for key in args.activations
+        for row in activation_rows(key, kernels, args.repeats, dtype)
     ]
     save_report(
         {
@@ -274,11 +290,12 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
             "stream_mb": args.stream_mb,
+            "dtype": args.dtype,
             "seconds": time.time() - started,
             "results": rows,
             "activations": activations,
         },
-        args.out,
+        out,
     )
 
 
