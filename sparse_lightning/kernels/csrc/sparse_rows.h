@@ -133,10 +133,10 @@ constexpr int64_t kAheadBytes = 256;
 // shapes, benchmarks/kernel_loop.py: a C++ loop over 768 MB of weights, two threads, each
 // half of the kept rows): plain reads of the rows ran at 24-30 GB/s, this loop without the
 // prefetch at 19-24; with it, bfloat16 rows 1.09-1.17x as fast with every row kept and
-// 1.11-1.21x with half kept
-// (prefetching within the row only gained about half of that at 50%). In SmolLM2's tuned
-// bfloat16 decode at top-1 0.90, steps 1.13-1.16x as fast (docs/half_precision.md). Float
-// rows (one load and one FMA per line) already streamed at 94-99% of the bound and lost 0-4%.
+// 1.11-1.21x with half kept (prefetching within the row only gained about half of that at
+// 50%). In SmolLM2's tuned bfloat16 decode at top-1 0.90, steps 1.13-1.16x as fast
+// (docs/half_precision.md). Float rows (one load and one FMA per line) already streamed at
+// 94-99% of the bound and lost 0-4%.
 template <int R, bool Fresh = false, typename W>
 inline void axpy(float* acc, const W* const* rows, const float* v, int64_t n,
                  const W* const* next = nullptr) {
