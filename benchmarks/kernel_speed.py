@@ -17,7 +17,15 @@ Both sides alternate within each repetition; each figure is the median of per-re
 Targets: kernel 0% at least as fast as dense; kernel 50% at >= 90% of the byte bound against
 the kernel's own 0% (bound = channels / kept channels).
 
+Where a call's time goes, the same op on the same copies is also called from a C++ loop
+through the dispatcher (no graph, no Python; ``cpp_us`` and ``share_of_bound_cpp`` per level),
+and keeping no channel at all (``empty_call_us``: what a call costs besides its rows). The
+graph's extra time per call over the loop is the graph's own (its inputs and outputs handed to
+and from Python once per call of the graph, i.e. per copy here, which a decode step pays once
+per step and per weight).
+
     python benchmarks/kernel_speed.py [--repeats 15] [--stream-mb 256] [--dtype bfloat16]
+        [--cpp-only]
 
 Prints a table and writes benchmarks/results/kernel_speed.json (``kernel_speed_bfloat16.json``
 with ``--dtype bfloat16``: weights, inputs and both sides in that type).
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -152,17 +161,70 @@ def inputs_keeping(xs: list[torch.Tensor], skipped: float) -> list[torch.Tensor]
     return out
 
 
-def stream_arguments(doc: str, benchmark: str, dtypes: bool = False) -> argparse.Namespace:
+#: A C++ loop calling the op on each copy through the dispatcher (unboxed, as a C++ caller would).
+CALLS = r"""
+#include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <chrono>
+
+double calls_seconds(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ws,
+                     double threshold) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparse_lightning::input_sparse_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double,
+                            const std::optional<at::Tensor>&)>();
+  const auto start = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < ws.size(); ++i) {
+    op.call(xs[i], ws[i], threshold, std::nullopt);
+  }
+  const std::chrono::duration<double> spent = std::chrono::steady_clock::now() - start;
+  return spent.count();
+}
+"""
+
+
+def cpp_calls() -> Callable[..., float]:
+    """``calls_seconds(xs, weights_t, threshold)``: seconds for the op's calls from C++."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        "kernel_speed_calls", cpp_sources=CALLS, functions=["calls_seconds"], verbose=False
+    ).calls_seconds
+
+
+def cpp_medians(
+    calls: Callable[..., float], weights_t: list[torch.Tensor], inputs: dict, repeats: int
+) -> dict:
+    """Median seconds per call of the op from C++ for each entry of ``inputs`` (name: the
+    copies' inputs; all at threshold 1.0), the entries alternating within each repetition."""
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    for _ in range(repeats):
+        for name, xs in inputs.items():
+            times[name].append(calls(xs, weights_t, 1.0) / len(weights_t))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def stream_arguments(
+    doc: str, benchmark: str, dtypes: bool = False, cpp_only: bool = False
+) -> argparse.Namespace:
     """The command line of a streamed-weights kernel benchmark: --repeats, --stream-mb, --out
     (default ``benchmarks/results/<benchmark>.json``) and, with ``dtypes``, --dtype (the
-    default out then ``<benchmark>_<dtype>.json`` for another type); fails early without the
-    kernel."""
+    default out then ``<benchmark>_<dtype>.json`` for another type) and, with ``cpp_only``,
+    --cpp-only; fails early without the kernel."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stream-mb", type=float, default=256.0)
     parser.add_argument("--out", type=Path, default=None)
     if dtypes:
         parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    if cpp_only:
+        parser.add_argument(
+            "--cpp-only",
+            action="store_true",
+            help="time only the op's calls from C++ (no compiled graphs: those take minutes "
+            "each to compile at a --stream-mb of several hundred)",
+        )
     args = parser.parse_args()
     dtype = getattr(args, "dtype", "float32")
     args.out = args.out or results_path(benchmark, dtype=dtype)
@@ -187,57 +249,83 @@ def save_stream_report(
     save_report(report, args.out)
 
 
+def graph_timings(
+    row: dict, weights: list[torch.Tensor], xs: list[torch.Tensor], levels: dict, repeats: int
+) -> None:
+    """Adds to ``row`` the compiled graphs' timings: dense against the kernel at 0%, then the
+    kernel at each skipped level against its 0%."""
+    copies, size = len(weights), weights[0].numel() * weights[0].element_size() / 2**30
+    torch._dynamo.reset()  # the previous shape's graphs (and weight copies) go
+    dense = tuned(DenseProjections(weights), xs)
+    kernel0 = tuned(SparseProjections(weights, 0.0), xs)
+    sparse = tuned(SparseProjections(weights, 1.0), xs)  # see inputs_keeping
+    vs_dense, dense_s, k0_s = paired_ratio(dense, kernel0, repeats)
+    row.update(
+        dense_us=dense_s / copies * 1e6,
+        kernel0_us=k0_s / copies * 1e6,
+        dense_gb_s=size * copies / dense_s,
+        kernel0_gb_s=size * copies / k0_s,
+        kernel0_speedup_vs_dense=vs_dense,
+    )
+    for key, entry in row["skipped"].items():
+        speedup, _, sparse_s = paired_ratio(
+            partial(kernel0, levels[key]), partial(sparse, levels[key]), repeats
+        )
+        entry.update(
+            kernel_us=sparse_s / copies * 1e6,
+            speedup_vs_kernel0=speedup,
+            share_of_bound=speedup / entry["byte_bound"],
+        )
+
+
 def main() -> None:
-    args = stream_arguments(__doc__, "kernel_speed", dtypes=True)
+    args = stream_arguments(__doc__, "kernel_speed", dtypes=True, cpp_only=True)
+    calls = cpp_calls()
     rows = []
     started = time.time()
     for model, *dims in MODELS:
         for name, (fan_in, fan_out) in projection_shapes(*dims).items():
             weights, xs = streamed_copies(fan_in, fan_out, args.stream_mb, args.dtype)
-            copies = len(weights)
-            torch._dynamo.reset()  # the previous shape's graphs (and weight copies) go
-            dense = tuned(DenseProjections(weights), xs)
-            kernel0 = tuned(SparseProjections(weights, 0.0), xs)
-            sparse = tuned(SparseProjections(weights, 1.0), xs)  # see inputs_keeping
-            vs_dense, dense_s, k0_s = paired_ratio(dense, kernel0, args.repeats)
-            mb = fan_in * fan_out * weights[0].element_size() / 2**20
+            levels = {f"{s:.2f}": inputs_keeping(xs, s) for s in (0.0, *SKIPPED)}
+            levels["empty"] = [torch.zeros_like(x) for x in xs]  # keeps no channel
+            weights_t = [transposed_rows([w.t()]) for w in weights]  # the executor's layout
+            cpp = cpp_medians(calls, weights_t, levels, args.repeats)
+            del weights_t
             row = {
                 "model": model,
                 "projection": name,
                 "in_features": fan_in,
                 "out_features": fan_out,
-                "copies_streamed": copies,
-                "dense_us": dense_s / copies * 1e6,
-                "kernel0_us": k0_s / copies * 1e6,
-                "dense_gb_s": mb * copies / 1024 / dense_s,
-                "kernel0_gb_s": mb * copies / 1024 / k0_s,
-                "kernel0_speedup_vs_dense": vs_dense,
+                "copies_streamed": len(weights),
+                "cpp_kernel0_us": cpp["0.00"] * 1e6,
+                "empty_call_us": cpp["empty"] * 1e6,
                 "skipped": {},
             }
             for skipped in SKIPPED:
-                scaled = inputs_keeping(xs, skipped)
-                kept = int((scaled[0].abs() >= 1.0).sum())
-                speedup, _, sparse_s = paired_ratio(
-                    partial(kernel0, scaled), partial(sparse, scaled), args.repeats
-                )
-                bound = fan_in / kept
-                row["skipped"][f"{skipped:.2f}"] = {
+                key = f"{skipped:.2f}"
+                kept = int((levels[key][0].abs() >= 1.0).sum())
+                row["skipped"][key] = {
                     "kept_channels": kept,
-                    "kernel_us": sparse_s / copies * 1e6,
-                    "speedup_vs_kernel0": speedup,
-                    "byte_bound": bound,
-                    "share_of_bound": speedup / bound,
+                    "byte_bound": fan_in / kept,
+                    "cpp_us": cpp[key] * 1e6,
+                    "share_of_bound_cpp": cpp["0.00"] / cpp[key] / (fan_in / kept),
                 }
-            rows.append(row)
             half = row["skipped"]["0.50"]
-            print(
-                f"{model:28s} {name:8s} {fan_in:5d}x{fan_out:<5d} dense {row['dense_us']:7.1f} us "
-                f"({row['dense_gb_s']:4.1f} GB/s) | kernel 0% {row['kernel0_us']:7.1f} us "
-                f"({row['kernel0_gb_s']:4.1f} GB/s, {vs_dense:.2f}x dense) | 50%: "
-                f"{half['speedup_vs_kernel0']:.2f}x of bound {half['byte_bound']:.2f}x "
-                f"({half['share_of_bound']:.0%})",
-                flush=True,
+            line = (
+                f"{model:28s} {name:8s} {fan_in:5d}x{fan_out:<5d} from C++: 0% "
+                f"{row['cpp_kernel0_us']:6.1f} us, 50% {half['share_of_bound_cpp']:.0%} of bound "
+                f"{half['byte_bound']:.2f}x, empty call {row['empty_call_us']:.1f} us"
             )
+            if not args.cpp_only:
+                graph_timings(row, weights, xs, levels, args.repeats)
+                line += (
+                    f" | graphs: dense {row['dense_us']:7.1f} us ({row['dense_gb_s']:4.1f} GB/s), "
+                    f"kernel 0% {row['kernel0_us']:7.1f} us ({row['kernel0_gb_s']:4.1f} GB/s, "
+                    f"{row['kernel0_speedup_vs_dense']:.2f}x dense), 50% "
+                    f"{half['speedup_vs_kernel0']:.2f}x ({half['share_of_bound']:.0%} of bound)"
+                )
+            rows.append(row)
+            print(line, flush=True)
     save_stream_report("kernel_speed", args, started, rows)
 
 
