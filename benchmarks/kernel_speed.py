@@ -20,9 +20,12 @@ the kernel's own 0% (bound = channels / kept channels).
 Where a call's time goes, the same op on the same copies is also called from a C++ loop
 through the dispatcher (no graph, no Python; ``cpp_us`` and ``share_of_bound_cpp`` per level),
 and keeping no channel at all (``empty_call_us``: what a call costs besides its rows). The
-graph's extra time per call over the loop is the graph's own (its inputs and outputs handed to
-and from Python once per call of the graph, i.e. per copy here, which a decode step pays once
-per step and per weight).
+graph's extra time per call over the loop is the graph's own: among other things, its inputs
+(every copy's weight and input) and outputs pass through Python on each call of the graph, so
+once per copy here, where a decode step passes each weight once per step. The C++ loop reads
+the same copies level after level: on a host whose last-level cache holds a good part of
+``--stream-mb``, take a larger one (``--cpp-only`` skips the graphs, which take minutes each to
+compile at several hundred MB).
 
     python benchmarks/kernel_speed.py [--repeats 15] [--stream-mb 256] [--dtype bfloat16]
         [--cpp-only]
