@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -106,22 +107,35 @@ def kernel_at(revision: str):
 
     source = file_at(revision, SOURCE)
     assert source is not None, f"{SOURCE.name} is not in revision {revision}"
-    namespace = f"sparse_lightning_{revision}"
+    tag = re.sub(r"\W", "_", revision)
+    namespace = f"sparse_lightning_{tag}"
     source = source.replace("TORCH_LIBRARY(sparse_lightning,", f"TORCH_LIBRARY({namespace},")
     source = source.replace(
         "TORCH_LIBRARY_IMPL(sparse_lightning,", f"TORCH_LIBRARY_IMPL({namespace},"
     )
     folder = Path(tempfile.mkdtemp())
-    path = folder / f"kernel_{revision}.cpp"
-    path.write_text(source)
+    path = folder / f"kernel_{tag}.cpp"
+    path.write_text(own_helpers(source, tag))
     header = SOURCE.parent / "sparse_rows.h"  # revisions since 916fe6d include it
     shared = file_at(revision, header)
     if shared is not None:
-        (folder / header.name).write_text(shared)
+        (folder / header.name).write_text(own_helpers(shared, tag))
     load_extension(
-        name=f"kernel_{revision}", sources=[str(path)], **build_flags(), is_python_module=False
+        name=f"kernel_{tag}", sources=[str(path)], **build_flags(), is_python_module=False
     )
     return getattr(torch.ops, namespace).input_sparse_linear
+
+
+def own_helpers(text: str, tag: str) -> str:
+    """``text`` with the helpers' namespace ``sparse_rows`` renamed ``sparse_rows_<tag>``.
+
+    The helpers are inline functions of a named namespace, so a build exports them as weak
+    symbols, and its own calls to the larger ones (``accumulate``) go through the PLT. The
+    shipped kernel's library is global (``ops.py`` widens it for Inductor's C entry points),
+    so a revision loaded after it, with the same names, called the shipped ``accumulate``:
+    before this rename (2026-12-07) ``--against`` timed the shipped row loop on both sides.
+    """
+    return re.sub(r"\bsparse_rows\b(?!\.h)", f"sparse_rows_{tag}", text)
 
 
 def decode_inputs(
