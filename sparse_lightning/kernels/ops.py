@@ -256,9 +256,17 @@ def build_flags(flags: list[str] | None = None) -> dict[str, list[str]]:
     :func:`cpu_flags`'s, by default; benchmarks that build another revision of the kernel
     beside it use the same)."""
     # -fopenmp gives at::parallel_for its threads; it links libgomp.so.1, the runtime torch
-    # already loaded, so there is still one thread pool.
+    # already loaded, so there is still one thread pool. -fvisibility=hidden keeps the helpers
+    # of sparse_rows.h (inline functions of a named namespace) to each library: exported as weak
+    # symbols, a build's calls to them went through the PLT and, the kernel's library being
+    # global (_build), bound to another build's of the same names loaded before it (an ISA's or
+    # a benchmark's revision; docs/kernel_tries.md, "A flaw"). The C entry points are exported
+    # by their own attribute, the ops by registration.
     flags = cpu_flags() if flags is None else flags
-    return {"extra_cflags": ["-O3", "-fopenmp", *flags], "extra_ldflags": ["-fopenmp"]}
+    return {
+        "extra_cflags": ["-O3", "-fopenmp", "-fvisibility=hidden", *flags],
+        "extra_ldflags": ["-fopenmp"],
+    }
 
 
 def _build() -> bool:
