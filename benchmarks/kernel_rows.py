@@ -102,7 +102,13 @@ def file_at(revision: str, path: Path) -> str | None:
 
 
 def kernel_at(revision: str):
-    """The kernel's source at ``revision``, built under its own op namespace."""
+    """The kernel's source at ``revision``, built under its own op namespace.
+
+    Its helpers (``sparse_rows.h``) keep their names: ``build_flags`` hides them in each
+    library, so this build calls its own, not the shipped kernel's. Before that (2026-12-07)
+    they were weak exported symbols, and this build, loaded after the shipped library (which
+    is global), ran the shipped row loop: ``--against`` timed one loop twice.
+    """
     from torch.utils.cpp_extension import load as load_extension
 
     source = file_at(revision, SOURCE)
@@ -115,27 +121,15 @@ def kernel_at(revision: str):
     )
     folder = Path(tempfile.mkdtemp())
     path = folder / f"kernel_{tag}.cpp"
-    path.write_text(own_helpers(source, tag))
+    path.write_text(source)
     header = SOURCE.parent / "sparse_rows.h"  # revisions since 916fe6d include it
     shared = file_at(revision, header)
     if shared is not None:
-        (folder / header.name).write_text(own_helpers(shared, tag))
+        (folder / header.name).write_text(shared)
     load_extension(
         name=f"kernel_{tag}", sources=[str(path)], **build_flags(), is_python_module=False
     )
     return getattr(torch.ops, namespace).input_sparse_linear
-
-
-def own_helpers(text: str, tag: str) -> str:
-    """``text`` with the helpers' namespace ``sparse_rows`` renamed ``sparse_rows_<tag>``.
-
-    The helpers are inline functions of a named namespace, so a build exports them as weak
-    symbols, and its own calls to the larger ones (``accumulate``) go through the PLT. The
-    shipped kernel's library is global (``ops.py`` widens it for Inductor's C entry points),
-    so a revision loaded after it, with the same names, called the shipped ``accumulate``:
-    before this rename (2026-12-07) ``--against`` timed the shipped row loop on both sides.
-    """
-    return re.sub(r"\bsparse_rows\b(?!\.h)", f"sparse_rows_{tag}", text)
 
 
 def decode_inputs(
