@@ -140,6 +140,30 @@ def test_without_dynamo_calls_the_compiled_code_and_skips_its_guards():
     assert counters["frames"]["total"] == frames + 1
 
 
+def test_kernel_speeds_graphs_run_without_dynamo_and_keep_their_thresholds():
+    """``kernel_speed.tuned``: the compiled projections, called without Dynamo, give each copy's
+    masked product (against ``F.linear`` of the input with the dropped channels zeroed), and
+    inputs that fail its guards run the compiled code without a new frame."""
+    from torch._dynamo.utils import counters
+
+    from benchmarks.kernel_speed import SparseProjections, inputs_keeping, tuned
+    from sparse_lightning.kernels import compiled
+
+    assert compiled(), "g++ and ninja are on every machine of this project (ENVIRONMENT.md)"
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(24, 32, generator=g) for _ in range(3)]
+    xs = [torch.randn(1, 32, generator=g) for _ in range(3)]
+    run = tuned(SparseProjections(weights, 1.0), xs)
+    frames = counters["frames"]["total"]
+    # Inputs that need grad fail the compiled entry's guards: through Dynamo they recompile.
+    halves = [x.requires_grad_() for x in inputs_keeping(xs, 0.5)]
+    outputs = run(halves)
+    assert counters["frames"]["total"] == frames
+    for x, w, y in zip(halves, weights, outputs, strict=True):
+        assert int((x.abs() >= 1.0).sum()) == 16
+        torch.testing.assert_close(y, torch.nn.functional.linear(x * (x.abs() >= 1.0), w))
+
+
 def test_by_speed_ranks_repetitions_by_the_baselines_time():
     from benchmarks.kernel_rows import by_speed
 
