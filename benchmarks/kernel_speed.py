@@ -119,10 +119,10 @@ def tuned(module: nn.Module, xs: list[torch.Tensor]) -> Callable[..., list[torch
     tuned decode calls its steps (:func:`~benchmarks.common.without_dynamo`; checked here to give
     the same outputs): Dynamo's frame hook and guards over every copy's input and weight cost
     2-5 us per copy (SmolLM2's o in bfloat16, 2026-12-07, on both sides), where a decode step
-    pays them once per step, not per projection. Nor can it recompile: a recompile would run outside
-    ``CPU_DECODE_OPTIONS`` and time a default-compiled graph instead. Each module compiles
-    through a code object of its own (``own_code``), so no ``torch._dynamo.reset()`` is
-    needed between modules; a reset would drop the entries of the modules compiled before it,
+    pays them once per step, not per projection. Nor can it recompile: a recompile would run
+    outside ``CPU_DECODE_OPTIONS`` and time a default-compiled graph instead. Each module
+    compiles through a code object of its own (``own_code``), so no ``torch._dynamo.reset()``
+    is needed between modules; a reset would drop the entries of the modules compiled before it,
     which then recompile with default options on their next call (measured 2026-11-24: the
     tuned dense GEMV of SmolLM2's o went from 66 to 102 us per call that way, and every run of
     this script before the fix compared against such recompiled graphs).
