@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kernel_speed import (  # noqa: E402
     MODELS,
     DenseProjections,
+    executor_layout,
     inputs_keeping,
     projection_shapes,
     save_stream_report,
@@ -53,7 +54,6 @@ from benchmarks.kernel_speed import (  # noqa: E402
     streamed_copies,
     tuned,
 )
-from sparse_lightning.kernels import transposed_rows  # noqa: E402
 
 SOURCE = ROOT / "benchmarks" / "csrc" / "panel_gemv.cpp"
 
@@ -92,7 +92,7 @@ def main() -> None:
             copies = len(weights)
             half = inputs_keeping(xs, 0.5)  # threshold 1.0 keeps exactly half of each
             width = panel_width(fan_out)
-            weights_t = [transposed_rows([w.t()]) for w in weights]  # the executor's layout
+            weights_t = executor_layout(weights)
             packed = [pack(w, width) for w in weights]
             ys = [torch.empty(1, fan_out) for _ in range(copies)]
             torch._dynamo.reset()

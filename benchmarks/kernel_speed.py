@@ -97,12 +97,18 @@ class DenseProjections(nn.Module):
         return [F.linear(x, w) for x, w in zip(xs, self.weights, strict=True)]
 
 
+def executor_layout(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each (out, in) weight stored as the sparse executor stores it: transposed, rows padded
+    (:func:`~sparse_lightning.kernels.transposed_rows`), a copy of its own."""
+    return [transposed_rows([w.t()]) for w in weights]
+
+
 class SparseProjections(nn.Module):
     """The same projections through the input-sparse op, weights stored transposed."""
 
     def __init__(self, weights: list[torch.Tensor], threshold: float) -> None:
         super().__init__()
-        self.weights_t = [transposed_rows([w.t()]) for w in weights]  # the executor's layout
+        self.weights_t = executor_layout(weights)
         self.threshold = threshold
         self.op = load()
 
@@ -304,7 +310,7 @@ def main() -> None:
             weights, xs = streamed_copies(fan_in, fan_out, args.stream_mb, args.dtype)
             levels = {f"{s:.2f}": inputs_keeping(xs, s) for s in (0.0, *SKIPPED)}
             levels["empty"] = [torch.zeros_like(x) for x in xs]  # keeps no channel
-            weights_t = [transposed_rows([w.t()]) for w in weights]  # the executor's layout
+            weights_t = executor_layout(weights)
             cpp = cpp_medians(calls, weights_t, levels, args.repeats)
             del weights_t
             row = {
