@@ -23,7 +23,10 @@ through the dispatcher (no graph, no Python; ``cpp_us`` and ``share_of_bound_cpp
 and keeping no channel at all (``empty_call_us``: what a call costs besides its rows). The
 graph's extra time per call over the loop is the graph's own: among other things, its inputs
 (every copy's weight and input) and outputs pass through Python on each call of the graph, so
-once per copy here, where a decode step passes each weight once per step. The C++ loop reads
+once per copy here, as a decode step passes each weight once per step; and the loop's clock
+starts after pybind has converted the lists, which brings every copy's tensor metadata into
+cache, where the graph reads it cold after the other passes' streams (1-4 us a call of
+SmolLM2's o and q|k|v in float32, 2026-12-07, docs/kernel_tries.md). The C++ loop reads
 the same copies level after level: on a host whose last-level cache holds a good part of
 ``--stream-mb``, take a larger one (``--cpp-only`` skips the graphs, which take minutes each to
 compile at several hundred MB).
