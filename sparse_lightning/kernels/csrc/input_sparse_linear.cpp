@@ -120,15 +120,10 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, double
     return bias.has_value() ? y + *bias : y;
   }
   auto y = at::empty(sizes, x.options());
-  if (dtype == at::kFloat) {
-    run<float>(x, weight_t, threshold, keep, bias, y);
-  } else if (dtype == at::kBFloat16) {
-    run<float, c10::BFloat16>(x, weight_t, threshold, keep, bias, y);
-  } else if (dtype == at::kHalf) {
-    run<float, c10::Half>(x, weight_t, threshold, keep, bias, y);
-  } else {
-    run<double>(x, weight_t, threshold, keep, bias, y);
-  }
+  with_types(dtype, [&](auto types) {
+    using Ts = decltype(types);
+    run<typename Ts::T, typename Ts::W>(x, weight_t, threshold, keep, bias, y);
+  });
   return y;
 }
 

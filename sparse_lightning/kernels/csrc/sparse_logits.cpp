@@ -252,15 +252,10 @@ at::Tensor input_sparse_logits(const at::Tensor& x, const at::Tensor& weight_t, 
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   auto y = at::empty(sizes, x.options());
-  if (dtype == at::kFloat) {
-    run_logits<float>(x, weight_t, keep, candidates, bias, y);
-  } else if (dtype == at::kBFloat16) {
-    run_logits<float, c10::BFloat16>(x, weight_t, keep, candidates, bias, y);
-  } else if (dtype == at::kHalf) {
-    run_logits<float, c10::Half>(x, weight_t, keep, candidates, bias, y);
-  } else {
-    run_logits<double>(x, weight_t, keep, candidates, bias, y);
-  }
+  with_types(dtype, [&](auto types) {
+    using Ts = decltype(types);
+    run_logits<typename Ts::T, typename Ts::W>(x, weight_t, keep, candidates, bias, y);
+  });
   return y;
 }
 
@@ -346,18 +341,14 @@ at::Tensor rotated_logits(const at::Tensor& x_rot, const at::Tensor& approx_t, i
   auto sizes = x_rot.sizes().vec();
   sizes.back() = out;
   auto y = at::empty(sizes, x_rot.options());
-  if (dtype == at::kDouble) {
-    run_rotated<double, double>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
-  } else if (dtype == at::kBFloat16) {
-    using B = c10::BFloat16;
-    run_rotated<float, B, B>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
-  } else if (dtype == at::kHalf) {
-    using H = c10::Half;
-    run_rotated<float, H, H>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
-  } else if (narrow == at::kBFloat16) {
+  if (narrow != dtype) {  // float tensors, a bfloat16 approx_t
     run_rotated<float, c10::BFloat16>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
   } else {
-    run_rotated<float, float>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
+    with_types(dtype, [&](auto types) {
+      using Ts = decltype(types);
+      using W = typename Ts::W;
+      run_rotated<typename Ts::T, W, W>(x_rot, approx_t, keep, candidates, x, weight, bias, y);
+    });
   }
   return y;
 }

@@ -117,6 +117,29 @@ inline bool kernel_takes(const at::Tensor& x, const at::Tensor& weight,
          x.device().is_cpu() && (!bias.has_value() || bias->scalar_type() == dtype);
 }
 
+// The kernels' types for a dtype that kernel_takes: T, the sums' type, and W, the type the
+// tensors are stored in (float sums for bfloat16 and half). f is called with a tag of them:
+//   with_types(dtype, [&](auto types) { using Ts = decltype(types); run<typename Ts::T,
+//                                        typename Ts::W>(...); });
+template <typename Sums, typename Stored = Sums>
+struct Types {
+  using T = Sums;
+  using W = Stored;
+};
+
+template <typename F>
+inline void with_types(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) {
+    f(Types<float>{});
+  } else if (dtype == at::kBFloat16) {
+    f(Types<float, c10::BFloat16>{});
+  } else if (dtype == at::kHalf) {
+    f(Types<float, c10::Half>{});
+  } else {
+    f(Types<double>{});
+  }
+}
+
 // The threshold as ATen compares x of type W with it: rounded to W.
 template <typename T, typename W>
 inline T threshold_of(double threshold) {
