@@ -151,14 +151,18 @@ double timed(const std::vector<torch::Tensor>& ws, const std::vector<torch::Tens
   return spent.count() / ws.size();
 }
 
+template <int Kind, typename W>
+double timed_as(bool per_call, const std::vector<torch::Tensor>& ws,
+                const std::vector<torch::Tensor>& kept, int64_t out) {
+  return per_call ? timed<Kind, true, W>(ws, kept, out) : timed<Kind, false, W>(ws, kept, out);
+}
+
 template <typename W>
 double timed_as(int64_t kind, bool per_call, const std::vector<torch::Tensor>& ws,
                 const std::vector<torch::Tensor>& kept, int64_t out) {
-  if (kind == 0) return timed<0, true, W>(ws, kept, out);
-  if (kind == 1) {
-    return per_call ? timed<1, true, W>(ws, kept, out) : timed<1, false, W>(ws, kept, out);
-  }
-  return per_call ? timed<2, true, W>(ws, kept, out) : timed<2, false, W>(ws, kept, out);
+  if (kind == 0) return timed_as<0, W>(per_call, ws, kept, out);
+  if (kind == 1) return timed_as<1, W>(per_call, ws, kept, out);
+  return timed_as<2, W>(per_call, ws, kept, out);
 }
 
 double loop_seconds(std::vector<torch::Tensor> ws, std::vector<torch::Tensor> kept, int64_t out,
